@@ -1,0 +1,343 @@
+"""Immutable settings, loaded from a dict, a TOML file or the environment.
+
+A configuration names one or more logical databases. Each has a primary and a list of
+replicas; a database may reuse another database's primary (``primary = "main"``) while
+keeping its own replica set, as GitLab's ``ci`` database reuses ``main``'s primary.
+
+The kill switch ``PGREPLICA_ENABLED=false`` is read by every loader: whatever the file
+says, everything then goes to the primary and no replica connection is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgreplica.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["DatabaseConfig", "Dsn", "Settings"]
+
+ENV_PREFIX = "PGREPLICA_"
+_NAME_RE = re.compile(r"\A[A-Za-z0-9_]{1,63}\Z")
+_DURATION_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(ms|s|min)?\s*\Z")
+_SIZE_RE = re.compile(r"\A\s*(\d+)\s*(B|kB|KB|KiB|MB|MiB|GB|GiB)?\s*\Z")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "kB": 1024,
+    "KB": 1024,
+    "KiB": 1024,
+    "MB": 1024**2,
+    "MiB": 1024**2,
+    "GB": 1024**3,
+    "GiB": 1024**3,
+}
+_QUOTED_RE = re.compile(r'"[^"]*"')
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Dsn:
+    """A connection string whose password never shows: not in repr, str or labels.
+
+    ``conninfo`` is the only attribute that holds the secret; hand it to libpq and to
+    nothing else.
+    """
+
+    __slots__ = ("conninfo", "label", "redacted")
+
+    conninfo: str
+    label: str
+    redacted: str
+
+    def __init__(self, text: str, *, setting: str = "dsn") -> None:
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(setting, "expected a connection string (URL or key=value)")
+        try:
+            params = conninfo_to_dict(text)
+        except psycopg.ProgrammingError as exc:
+            # libpq quotes pieces of the text, which may hold the password: drop them.
+            reason = _QUOTED_RE.sub("...", str(exc).strip().splitlines()[0])
+            raise ConfigError(setting, f"malformed connection string ({reason})") from None
+        host = str(params.get("host") or params.get("hostaddr") or "localhost")
+        port = str(params.get("port") or "5432")
+        if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+            raise ConfigError(setting, "port must be a number between 1 and 65535")
+        dbname = str(params.get("dbname") or params.get("user") or "")
+        user = str(params.get("user") or "")
+        object.__setattr__(self, "conninfo", make_conninfo(text))
+        object.__setattr__(self, "label", f"{host}:{port}/{dbname}")
+        secret = ":***" if params.get("password") else ""
+        userpart = f"{user}{secret}@" if user or secret else ""
+        object.__setattr__(self, "redacted", f"postgresql://{userpart}{host}:{port}/{dbname}")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Dsn is immutable")
+
+    def __repr__(self) -> str:
+        return f"Dsn({self.redacted!r})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Dsn) and other.conninfo == self.conninfo
+
+    def __hash__(self) -> int:
+        return hash(self.conninfo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Dsn, (self.conninfo,))
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """One logical database: its primary and its own replica set."""
+
+    name: str
+    primary: Dsn
+    replicas: tuple[Dsn, ...] = ()
+    primary_from: str | None = None
+    """Name of the database whose primary (and pool) this one reuses, if any."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of a load balancer. Durations are in seconds, sizes in bytes."""
+
+    databases: Mapping[str, DatabaseConfig] = field(default_factory=dict)
+    enabled: bool = True
+    max_lag_bytes: int = 8 * 1024 * 1024
+    max_lag_seconds: float = 30.0
+    probe_interval: float = 0.1
+    probe_timeout: float = 0.5
+    probe_statement_timeout: float = 0.1
+    connect_timeout: float = 2.0
+    max_wait: float = 0.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 5.0
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    application_name: str = "pgreplica"
+
+    def __post_init__(self) -> None:
+        if not self.databases:
+            raise ConfigError("databases", "at least one database must be configured")
+        for name in ("max_lag_bytes", "pool_min_size"):
+            _check_int(name, getattr(self, name), minimum=0)
+        _check_int("pool_max_size", self.pool_max_size, minimum=1)
+        if self.pool_max_size < self.pool_min_size:
+            raise ConfigError("pool_max_size", "must be at least pool_min_size")
+        for name in ("max_lag_seconds", "max_wait"):
+            _check_number(name, getattr(self, name), positive=False)
+        for name in (
+            "probe_interval",
+            "probe_timeout",
+            "probe_statement_timeout",
+            "connect_timeout",
+            "backoff_initial",
+            "backoff_max",
+        ):
+            _check_number(name, getattr(self, name), positive=True)
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("enabled", f"expected true or false, got {self.enabled!r}")
+
+    @property
+    def default_database(self) -> str:
+        return next(iter(self.databases))
+
+    def database(self, name: str | None) -> DatabaseConfig:
+        """The named database (default: the first configured)."""
+        if name is None:
+            name = self.default_database
+        try:
+            return self.databases[name]
+        except KeyError:
+            known = ", ".join(self.databases)
+            raise ConfigError("database", f"no database {name!r} (configured: {known})") from None
+
+    # -- loaders --------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from a mapping shaped like the TOML file.
+
+        ``environ`` (default ``os.environ``) supplies the kill switch ``PGREPLICA_ENABLED``
+        and ``PGREPLICA_<SETTING>`` overrides; pass ``{}`` to ignore the environment.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError("config", f"expected a mapping, got {type(data).__name__}")
+        env = os.environ if environ is None else environ
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(str(key), f"unknown setting (known: {', '.join(sorted(known))})")
+            if key != "databases":
+                values[key] = _coerce(key, value)
+        values.update(_env_overrides(env, known))
+        values["databases"] = _parse_databases(data.get("databases"))
+        return cls(**values)
+
+    @classmethod
+    def from_toml(
+        cls, path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        file = Path(path)
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{file} is not valid TOML ({exc})") from None
+        return cls.from_dict(data, environ=environ)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """``PGREPLICA_CONFIG`` (a TOML file), or ``PGREPLICA_PRIMARY_URL`` with
+        ``PGREPLICA_REPLICA_URLS`` (comma separated) for a single database ``main``."""
+        env = os.environ if environ is None else environ
+        path = env.get(ENV_PREFIX + "CONFIG")
+        if path:
+            return cls.from_toml(path, environ=env)
+        primary = env.get(ENV_PREFIX + "PRIMARY_URL")
+        if not primary:
+            raise ConfigError(
+                "PGREPLICA_PRIMARY_URL", "not set (set it, or PGREPLICA_CONFIG to a TOML file)"
+            )
+        replicas = [u.strip() for u in env.get(ENV_PREFIX + "REPLICA_URLS", "").split(",")]
+        db = {"primary": primary, "replicas": [u for u in replicas if u]}
+        return cls.from_dict({"databases": {"main": db}}, environ=env)
+
+    def with_options(self, **changes: Any) -> Settings:
+        """A copy with some settings changed (validated like the original)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], "unknown setting")
+        return replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+
+def _parse_databases(raw: Any) -> dict[str, DatabaseConfig]:
+    if raw is None:
+        raise ConfigError("databases", "missing: add [databases.main] with primary and replicas")
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError("databases", "expected a table of databases, e.g. [databases.main]")
+    for name in raw:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"databases.{name}", "name must be letters, digits or _")
+    parsed: dict[str, DatabaseConfig] = {}
+    references: dict[str, tuple[str, tuple[Dsn, ...]]] = {}
+    for name, entry in raw.items():
+        where = f"databases.{name}"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(where, "expected a table with primary and replicas")
+        unknown = set(entry) - {"primary", "replicas"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
+        primary = entry.get("primary")
+        if not isinstance(primary, str) or not primary:
+            raise ConfigError(f"{where}.primary", "missing: a connection string or a database")
+        replicas_raw = entry.get("replicas", [])
+        if not isinstance(replicas_raw, (list, tuple)):
+            raise ConfigError(f"{where}.replicas", "expected a list of connection strings")
+        replicas = tuple(
+            Dsn(r, setting=f"{where}.replicas[{i}]") for i, r in enumerate(replicas_raw)
+        )
+        if _NAME_RE.match(primary):
+            references[name] = (primary, replicas)
+        else:
+            parsed[name] = DatabaseConfig(name, Dsn(primary, setting=f"{where}.primary"), replicas)
+    for name, (target, replicas) in references.items():
+        setting = f"databases.{name}.primary"
+        if target in references:
+            raise ConfigError(setting, f"reuses {target!r}, which itself reuses another primary")
+        if target not in parsed:
+            raise ConfigError(setting, f"reuses database {target!r}, which is not configured")
+        parsed[name] = DatabaseConfig(name, parsed[target].primary, replicas, target)
+    return {name: parsed[name] for name in raw}
+
+
+def _env_overrides(env: Mapping[str, str], known: set[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in known - {"databases"}:
+        text = env.get(ENV_PREFIX + key.upper())
+        if text is not None:
+            values[key] = _coerce(key, text, setting=ENV_PREFIX + key.upper())
+    return values
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Settings) if f.name != "databases"}
+
+
+def _coerce(key: str, value: Any, *, setting: str | None = None) -> Any:
+    """Turn TOML or environment values into the setting's type ("100ms", "8MiB", "false")."""
+    setting = setting or key
+    default = _DEFAULTS[key]
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(setting, f"expected true or false, got {value!r}")
+    if isinstance(value, str) and isinstance(default, (int, float)):
+        if key == "max_lag_bytes":
+            return _parse_size(setting, value)
+        if isinstance(default, float):
+            return _parse_duration(setting, value)
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(setting, f"expected an integer, got {value!r}") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(setting, f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _parse_duration(setting: str, text: str) -> float:
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise ConfigError(setting, f"expected a duration like 0.5, '100ms' or '2s', got {text!r}")
+    number = float(match.group(1))
+    unit = match.group(2) or "s"
+    return number / 1000 if unit == "ms" else number * 60 if unit == "min" else number
+
+
+def _parse_size(setting: str, text: str) -> int:
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ConfigError(setting, f"expected a size like 8388608 or '8MiB', got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"expected a number of seconds, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(name, f"must be {'positive' if positive else 'zero or more'}, got {value}")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
