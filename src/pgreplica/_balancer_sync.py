@@ -1,0 +1,586 @@
+"""The sync load balancer: GENERATED from ``_balancer_async.py`` by
+``tools/gen_sync.py``. Do not edit; edit the asyncio file and regenerate."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import Connection, Cursor
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool
+
+from pgreplica.balancer import (
+    CHECK_SQL,
+    COMMIT_SQL,
+    LSN_SQL,
+    POOL_ERRORS,
+    BalancerBase,
+    DatabaseRoute,
+    build_settings,
+    is_connection_error,
+    is_recovery_conflict,
+    log_fallback,
+    log_routed,
+)
+from pgreplica.config import Settings
+from pgreplica.context import current_state, record_write
+from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable, RoutingError
+from pgreplica.health import Host, ProberThread, error_reason
+from pgreplica.lsn import CausalToken, parse_lsn
+
+__all__ = ["LoadBalancer", "ReadConnection", "ReadCursor"]
+
+AConn = Connection[Any]
+_POLL_FIRST = 0.002
+_POLL_MAX = 0.05
+
+
+class LoadBalancer(BalancerBase):
+    """Sends reads to caught-up replicas and writes to the primary (threads).
+
+    ``LoadBalancer(primary=..., replicas=[...], **settings)`` or
+    :meth:`from_config`. Pools and the prober start on first use or on :meth:`open`.
+    """
+
+    def __init__(
+        self,
+        primary: str | None = None,
+        replicas: Sequence[str] = (),
+        *,
+        config: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(build_settings(config, primary, replicas, options))
+        self._pools: dict[Host, ConnectionPool[AConn]] = {}
+        self._open_lock = threading.Lock()
+        self._opened = False
+        self._closed = False
+        self._prober = self._router.make_prober()
+        self._prober_runner: Any = None
+
+    @classmethod
+    def from_config(
+        cls,
+        source: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None,
+        **options: Any,
+    ) -> LoadBalancer:
+        """From a TOML file, a mapping, a Settings object, or (None) the environment."""
+        return cls(config=source, **options)
+
+    def open(self, *, wait: bool = True) -> None:
+        """Open the pools and start the prober; with ``wait``, let the first probes
+        finish (at most ``connect_timeout``) so the first reads can use replicas."""
+        if self._opened:
+            return
+        with self._open_lock:
+            if self._opened:
+                return
+            if self._closed:
+                raise PgReplicaError("the load balancer is closed")
+            for host in self._router.hosts.values():
+                pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+                pool.open(wait=False)
+                self._pools[host] = pool
+            self._start_prober()
+            self._opened = True
+        if wait:
+            deadline = time.monotonic() + self.settings.connect_timeout
+            while not self._prober.first_round.is_set() and time.monotonic() < deadline:
+                time.sleep(_POLL_FIRST)
+
+    def close(self) -> None:
+        """Stop the prober and close every pool."""
+        with self._open_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._prober_runner is not None:
+                self._stop_prober()
+            for pool in self._pools.values():
+                pool.close()
+            self._pools.clear()
+
+    def _start_prober(self) -> None:
+        self._prober_runner = ProberThread(self._prober)
+        self._prober_runner.start()
+
+    def _stop_prober(self) -> None:
+        self._prober_runner.stop()
+
+    def __enter__(self) -> LoadBalancer:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def read(
+        self,
+        database: str | None = None,
+        *,
+        max_staleness: float | None = None,
+        max_wait: float | None = None,
+    ) -> _ReadUnit:
+        """A connection for reads: a replica that has replayed the context's token,
+        else the primary. ``max_staleness`` (seconds) ignores the token and accepts any
+        replica at most that far behind; ``max_wait`` waits for a replica to catch up
+        before using the primary (default: the ``max_wait`` setting)."""
+        return _ReadUnit(self, database, max_staleness, max_wait)
+
+    def write(self, database: str | None = None) -> _WriteUnit:
+        """A connection to the primary in a transaction; the commit advances the token."""
+        return _WriteUnit(self, database)
+
+    # -- internals shared by the units -----------------------------------------------
+
+    def _checkout(self, host: Host) -> AConn:
+        if not self._opened:
+            self.open()
+        return self._pools[host].getconn(timeout=self.settings.connect_timeout)
+
+    def _checkin(self, host: Host, conn: AConn) -> None:
+        pool = self._pools.get(host)
+        if pool is None:  # the balancer was closed meanwhile
+            conn.close()
+        else:
+            pool.putconn(conn)
+
+    def _host_failed(self, host: Host, exc: BaseException) -> None:
+        if host.record_failure(type(exc).__name__, error_reason(exc)):
+            self._router.refresh()
+
+    def _replay_lsn(self, host: Host, conn: AConn) -> int:
+        """Ask a replica directly how far it has replayed (one round trip)."""
+        cur = conn.execute(CHECK_SQL)
+        row = cur.fetchone()
+        position = parse_lsn(row[0]) if row and row[0] else 0
+        host.note_replay_lsn(position)
+        return position
+
+    def _connect_read(
+        self,
+        route: DatabaseRoute,
+        need: int,
+        max_staleness: float | None,
+        max_wait: float,
+        exclude: Host | None,
+    ) -> tuple[Host, AConn, str]:
+        """Pick and check out the connection for a read: (host, connection, reason)."""
+        router = self._router
+        deadline: float | None = None
+        delay = _POLL_FIRST
+        while True:
+            candidates = router.caught_up(route, need, max_staleness)
+            if exclude is not None:
+                candidates = [h for h in candidates if h is not exclude]
+            if candidates:
+                host = candidates[router.next_index(len(candidates))]
+                try:
+                    return host, self._checkout(host), "replica"
+                except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+                    if isinstance(exc, psycopg.OperationalError):
+                        self._host_failed(host, exc)
+                    log_fallback(host, exc, "connect_failed")
+                    exclude = host
+                    continue
+            if need and max_staleness is None:
+                for host in router.behind(route, need, exclude):
+                    try:
+                        conn = self._checkout(host)
+                    except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+                        if isinstance(exc, psycopg.OperationalError):
+                            self._host_failed(host, exc)
+                        continue
+                    try:
+                        if self._replay_lsn(host, conn) >= need:
+                            return host, conn, "replica_checked"
+                    except psycopg.Error as exc:
+                        if is_connection_error(exc):
+                            self._host_failed(host, exc)
+                    self._checkin(host, conn)
+            if max_wait > 0 and route.read_set:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + max_wait
+                if now < deadline:
+                    time.sleep(min(delay, deadline - now))
+                    delay = min(delay * 2, _POLL_MAX)
+                    continue
+            break
+        reason = "replicas_behind" if route.read_set else "no_healthy_replica"
+        return route.primary, self._primary_for_read(route, reason), reason
+
+    def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
+        primary = route.primary
+        if not primary.up:
+            raise HostUnavailable(
+                f"no host can serve this read of {route.name!r}: {reason.replace('_', ' ')}"
+                f" and the primary {primary.label} is down",
+                host=primary.label,
+                reason=reason,
+            )
+        try:
+            return self._checkout(primary)
+        except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                self._host_failed(primary, exc)
+            raise HostUnavailable(
+                f"no host can serve this read of {route.name!r}: the primary"
+                f" {primary.label} failed ({error_reason(exc)})",
+                host=primary.label,
+                reason="primary_unavailable",
+            ) from exc
+
+
+class _ReadUnit:
+    """``with lb.read() as conn``: one read unit of work."""
+
+    __slots__ = (
+        "_conn",
+        "_database",
+        "_host",
+        "_lb",
+        "_max_staleness",
+        "_max_wait",
+        "_need",
+        "_route",
+        "in_transaction",
+        "reason",
+        "retried",
+        "served",
+    )
+
+    def __init__(
+        self,
+        lb: LoadBalancer,
+        database: str | None,
+        max_staleness: float | None,
+        max_wait: float | None,
+    ) -> None:
+        self._lb = lb
+        self._database = database
+        self._max_staleness = max_staleness
+        self._max_wait = lb.settings.max_wait if max_wait is None else max_wait
+        self._need = 0
+        self.in_transaction = 0
+        self.retried = False
+        self.served = False
+
+    @property
+    def host(self) -> Host:
+        return self._host
+
+    def __enter__(self) -> ReadConnection:
+        lb = self._lb
+        if not lb._opened:
+            lb.open()
+        route = self._route = lb._router.route(self._database)
+        state = current_state()
+        if state.use_primary or not route.replicas:
+            reason = "primary_scope" if state.use_primary else "no_replicas"
+            host = route.primary
+            conn = lb._primary_for_read(route, reason)
+        else:
+            self._need = 0 if self._max_staleness is not None else state.token.get(route.name)
+            host, conn, reason = lb._connect_read(
+                route, self._need, self._max_staleness, self._max_wait, None
+            )
+        self._host = host
+        self._conn = conn
+        self.reason = reason
+        log_routed(host, reason, route.name)
+        return ReadConnection(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        host = self._host
+        if exc is not None and is_connection_error(exc):
+            self._lb._host_failed(host, exc)
+        self._lb._checkin(host, self._conn)
+
+    def recover(self, exc: psycopg.Error) -> AConn:
+        """A statement failed: raise, or move the unit to another host and return its
+        connection for one retry."""
+        host = self._host
+        lb = self._lb
+        if (
+            isinstance(exc, psycopg.errors.ReadOnlySqlTransaction)
+            and host is not self._route.primary
+        ):
+            raise RoutingError(
+                f"a statement that writes was sent to replica {host.label}: use lb.write()",
+                host=host.label,
+            ) from exc
+        connection_error = is_connection_error(exc)
+        if not connection_error and not is_recovery_conflict(exc):
+            raise exc
+        if connection_error:
+            lb._host_failed(host, exc)
+        if self.retried or host is self._route.primary or self.in_transaction:
+            raise exc
+        self.retried = True
+        log_fallback(host, exc, "connection_error" if connection_error else "recovery_conflict")
+        lb._checkin(host, self._conn)
+        route = self._route
+        if self.served:
+            # Earlier statements saw this replica's data; only the primary is sure to be
+            # at least as recent, so later statements never go back in time.
+            new_host, reason = route.primary, "fallback_primary"
+            conn = lb._primary_for_read(route, reason)
+        else:
+            new_host, conn, reason = lb._connect_read(
+                route, self._need, self._max_staleness, 0.0, host
+            )
+            reason = f"fallback_{reason}"
+        self._host = new_host
+        self._conn = conn
+        self.reason = reason
+        log_routed(new_host, reason, route.name)
+        return conn
+
+
+class ReadConnection:
+    """The connection a read unit yields: a psycopg connection that retries a failed
+    statement once on another host. Attributes it does not define come from the
+    underlying :class:`psycopg.Connection` (``raw``)."""
+
+    __slots__ = ("_unit",)
+
+    def __init__(self, unit: _ReadUnit) -> None:
+        self._unit = unit
+
+    @property
+    def raw(self) -> AConn:
+        """The psycopg connection currently serving the unit."""
+        return self._unit._conn
+
+    @property
+    def host(self) -> str:
+        """``host:port/dbname`` of the server that serves the unit."""
+        return self._unit._host.label
+
+    @property
+    def reason(self) -> str:
+        """Why the unit went where it did (``replica``, ``replicas_behind``, ...)."""
+        return self._unit.reason
+
+    @property
+    def on_replica(self) -> bool:
+        return self._unit._host is not self._unit._route.primary
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool = False,
+    ) -> Cursor[Any]:
+        unit = self._unit
+        try:
+            cur = unit._conn.execute(query, params, prepare=prepare, binary=binary)
+        except psycopg.Error as exc:
+            conn = unit.recover(exc)
+            cur = conn.execute(query, params, prepare=prepare, binary=binary)
+        unit.served = True
+        return cur
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        """A cursor; client-side cursors retry like :meth:`execute`, named (server-side)
+        cursors are returned as they are."""
+        if args or kwargs.get("name"):
+            return self._unit._conn.cursor(*args, **kwargs)
+        return ReadCursor(self._unit, kwargs)
+
+    @contextmanager
+    def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """A transaction on the current host; statements inside are not retried (a
+        retry elsewhere would change the snapshot)."""
+        unit = self._unit
+        unit.in_transaction += 1
+        try:
+            with unit._conn.transaction(*args, **kwargs) as tx:
+                yield tx
+        finally:
+            unit.in_transaction -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unit._conn, name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.host} reason={self.reason}>"
+
+
+class ReadCursor:
+    """A client-side cursor of a read unit: ``execute`` retries like the connection's."""
+
+    __slots__ = ("_cursor", "_kwargs", "_unit")
+
+    def __init__(self, unit: _ReadUnit, kwargs: dict[str, Any]) -> None:
+        self._unit = unit
+        self._kwargs = kwargs
+        self._cursor: Cursor[Any] = unit._conn.cursor(**kwargs)
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> ReadCursor:
+        unit = self._unit
+        try:
+            self._cursor.execute(query, params, prepare=prepare, binary=binary)
+        except psycopg.Error as exc:
+            conn = unit.recover(exc)
+            self._cursor.close()
+            self._cursor = conn.cursor(**self._kwargs)
+            self._cursor.execute(query, params, prepare=prepare, binary=binary)
+        unit.served = True
+        return self
+
+    def executemany(self, query: Any, params_seq: Iterable[Any], **kwargs: Any) -> None:
+        unit = self._unit
+        params_list = list(params_seq)
+        try:
+            self._cursor.executemany(query, params_list, **kwargs)
+        except psycopg.Error as exc:
+            conn = unit.recover(exc)
+            self._cursor.close()
+            self._cursor = conn.cursor(**self._kwargs)
+            self._cursor.executemany(query, params_list, **kwargs)
+        unit.served = True
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchmany(self, size: int = 0) -> list[Any]:
+        return self._cursor.fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._cursor.__iter__()
+
+    def close(self) -> None:
+        self._cursor.close()
+
+    def __enter__(self) -> ReadCursor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._cursor.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+class _WriteUnit:
+    """``with lb.write() as conn``: one transaction on the primary."""
+
+    __slots__ = ("_conn", "_database", "_host", "_lb", "_route")
+
+    def __init__(self, lb: LoadBalancer, database: str | None) -> None:
+        self._lb = lb
+        self._database = database
+
+    def __enter__(self) -> AConn:
+        lb = self._lb
+        if not lb._opened:
+            lb.open()
+        route = self._route = lb._router.route(self._database)
+        host = self._host = route.primary
+        if not host.up:
+            raise PrimaryUnavailable(
+                f"primary {host.label} of {route.name!r} is down ({host.last_error});"
+                " writes fail fast until a probe succeeds",
+                host=host.label,
+                reason="primary_down",
+            )
+        try:
+            conn = lb._checkout(host)
+        except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                lb._host_failed(host, exc)
+            raise PrimaryUnavailable(
+                f"primary {host.label} of {route.name!r} is unavailable ({error_reason(exc)})",
+                host=host.label,
+                reason="primary_unavailable",
+            ) from exc
+        try:
+            conn.set_autocommit(False)
+        except BaseException:
+            lb._checkin(host, conn)
+            raise
+        self._conn = conn
+        log_routed(host, "write", route.name)
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lb, host, conn = self._lb, self._host, self._conn
+        try:
+            if exc is not None:
+                if is_connection_error(exc):
+                    lb._host_failed(host, exc)
+                elif not conn.closed:
+                    conn.rollback()
+                return
+            self._commit(conn)
+        finally:
+            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                conn.set_autocommit(True)
+            lb._checkin(host, conn)
+
+    def _commit(self, conn: AConn) -> None:
+        status = conn.info.transaction_status
+        if status == TransactionStatus.INERROR:
+            conn.rollback()
+            raise PgReplicaError(
+                "the transaction was aborted by an earlier error and has been rolled back"
+            )
+        try:
+            # One round trip: commit, then read the WAL position, which is at or past the
+            # end of the commit record: a replica that replayed it has the write.
+            cur = conn.execute(COMMIT_SQL if status == TransactionStatus.INTRANS else LSN_SQL)
+            row = cur.fetchone()
+        except psycopg.Error as exc:
+            if not is_connection_error(exc):
+                raise
+            self._lb._host_failed(self._host, exc)
+            raise PrimaryUnavailable(
+                f"lost the primary {self._host.label} while committing: the outcome of the"
+                " transaction is unknown",
+                host=self._host.label,
+                reason="commit_unknown",
+            ) from exc
+        if row and row[0]:
+            position = parse_lsn(row[0])
+            record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))

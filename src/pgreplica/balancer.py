@@ -1,0 +1,294 @@
+"""Choosing a host for a unit of work: the IO-free core shared by both balancers.
+
+:class:`Router` holds the hosts of every logical database and, for each database, the
+*read set*: the replicas that are up, in recovery and within the lag bounds. The prober
+recomputes read sets after every probe; a read only filters its database's read set by
+the context's causal token, which is a comparison of integers. Everything here is free
+of I/O so that :class:`~pgreplica.LoadBalancer` and :class:`~pgreplica.AsyncLoadBalancer`
+share it instead of keeping two copies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from pgreplica.config import DatabaseConfig, Dsn, Settings
+from pgreplica.context import Scope, current_state, isolated
+from pgreplica.errors import ConfigError
+from pgreplica.health import Backoff, Host, HostStatus, Prober
+from pgreplica.lsn import CausalToken
+
+__all__ = ["BalancerBase", "Router"]
+
+logger = logging.getLogger("pgreplica")
+routing_logger = logging.getLogger("pgreplica.routing")
+
+#: Replay position of a standby, NULL on a server that is not in recovery.
+CHECK_SQL = "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END)::text"
+#: Commit and read the WAL insert position in one round trip.
+COMMIT_SQL = "COMMIT; SELECT pg_current_wal_insert_lsn()::text"
+LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+
+_CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """A failure of the server or the connection, not of the statement."""
+    if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate is None:
+        return True  # connection lost: libpq reports no SQLSTATE
+    return sqlstate.startswith("08") or sqlstate in _CONNECTION_SQLSTATES
+
+
+def is_recovery_conflict(exc: BaseException) -> bool:
+    """A standby cancelled the query to replay WAL: the query is fine elsewhere."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    if exc.sqlstate == "57P04":
+        return True
+    return exc.sqlstate == "40001" and "conflict with recovery" in str(exc)
+
+
+class DatabaseRoute:
+    """Routing data of one logical database."""
+
+    __slots__ = ("name", "primary", "read_set", "replicas", "shares_primary_with")
+
+    def __init__(self, name: str, primary: Host, replicas: tuple[Host, ...]) -> None:
+        self.name = name
+        self.primary = primary
+        self.replicas = replicas
+        self.read_set: tuple[Host, ...] = ()
+        self.shares_primary_with: tuple[str, ...] = (name,)
+
+
+class Router:
+    """Hosts and read sets of every configured database (no I/O)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        backoff = Backoff(settings.backoff_initial, settings.backoff_max)
+        self.hosts: dict[str, Host] = {}
+        self.databases: dict[str, DatabaseRoute] = {}
+        self.default_database = settings.default_database
+        self.stale_after = max(1.0, 3 * settings.probe_interval + settings.probe_timeout)
+        self.refreshed_at = time.monotonic()
+        self._round_robin = itertools.count()
+        for db in settings.databases.values():
+            primary = self._host(db.primary, True, backoff, f"databases.{db.name}.primary")
+            replicas: tuple[Host, ...] = ()
+            if settings.enabled:  # the kill switch: no replica host, no connection, no probe
+                replicas = tuple(
+                    self._host(r, False, backoff, f"databases.{db.name}.replicas[{i}]")
+                    for i, r in enumerate(db.replicas)
+                )
+            self.databases[db.name] = DatabaseRoute(db.name, primary, replicas)
+        for route in self.databases.values():
+            route.shares_primary_with = tuple(
+                other.name for other in self.databases.values() if other.primary is route.primary
+            )
+            for host in (route.primary, *route.replicas):
+                host.databases = (*host.databases, route.name)
+
+    def _host(self, dsn: Dsn, primary: bool, backoff: Backoff, setting: str) -> Host:
+        host = self.hosts.get(dsn.conninfo)
+        if host is None:
+            host = self.hosts[dsn.conninfo] = Host(dsn, configured_primary=primary, backoff=backoff)
+        elif host.configured_primary != primary:
+            raise ConfigError(setting, f"{dsn.label} is configured both as primary and replica")
+        return host
+
+    def route(self, database: str | None) -> DatabaseRoute:
+        try:
+            return self.databases[database or self.default_database]
+        except KeyError:
+            known = ", ".join(self.databases)
+            raise ConfigError("database", f"no database {database!r} (configured: {known})") from None
+
+    def next_index(self, count: int) -> int:
+        return next(self._round_robin) % count
+
+    def refresh(self) -> None:
+        """Recompute lag and the read set of every database from the probe results."""
+        settings = self.settings
+        now = time.monotonic()
+        for route in self.databases.values():
+            primary_lsn = route.primary.replay_lsn
+            usable: list[Host] = []
+            for host in route.replicas:
+                lag_bytes: int | None
+                if primary_lsn:
+                    lag_bytes = max(0, primary_lsn - host.replay_lsn)
+                elif host.receive_lsn is not None:
+                    lag_bytes = max(0, host.receive_lsn - host.replay_lsn)
+                else:
+                    lag_bytes = None
+                # Nothing left to replay means no lag; otherwise the age of the last
+                # replayed commit, and None (unknown, never zero) when there is none.
+                lag_seconds = 0.0 if lag_bytes == 0 else host.replay_age
+                if lag_seconds is not None:
+                    lag_seconds = max(0.0, lag_seconds)
+                host.lag_bytes, host.lag_seconds = lag_bytes, lag_seconds
+                host.lagging = not (
+                    (lag_bytes is not None and lag_bytes <= settings.max_lag_bytes)
+                    or (lag_seconds is not None and lag_seconds <= settings.max_lag_seconds)
+                )
+                fresh = host.probed_at is not None and now - host.probed_at <= self.stale_after
+                if host.up and host.in_recovery is True and fresh and not host.lagging:
+                    usable.append(host)
+            route.read_set = tuple(usable)
+        self.refreshed_at = now
+
+    def caught_up(
+        self, route: DatabaseRoute, need: int, max_staleness: float | None
+    ) -> Sequence[Host]:
+        """Replicas of the read set that the cache proves fresh enough."""
+        if time.monotonic() - self.refreshed_at > self.stale_after:
+            self.refresh()  # the prober has stalled: drop hosts whose data is too old
+        read_set = route.read_set
+        if max_staleness is not None:
+            now = time.monotonic()
+            return [
+                h
+                for h in read_set
+                if h.lag_seconds is not None
+                and h.probed_at is not None
+                and h.lag_seconds + (now - h.probed_at) <= max_staleness
+            ]
+        if not need:
+            return read_set
+        return [h for h in read_set if h.replay_lsn >= need]
+
+    def behind(self, route: DatabaseRoute, need: int, exclude: Host | None) -> list[Host]:
+        """Usable replicas the cache cannot prove caught up, the most advanced first."""
+        hosts = [h for h in route.read_set if h.replay_lsn < need and h is not exclude]
+        hosts.sort(key=lambda h: h.replay_lsn, reverse=True)
+        return hosts
+
+    def make_prober(self) -> Prober:
+        s = self.settings
+        return Prober(
+            list(self.hosts.values()),
+            interval=s.probe_interval,
+            timeout=s.probe_timeout,
+            connect_timeout=s.connect_timeout,
+            statement_timeout=s.probe_statement_timeout,
+            application_name=s.application_name,
+            on_change=self.refresh,
+        )
+
+
+def build_settings(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Settings | None,
+    primary: str | None,
+    replicas: Sequence[str],
+    options: Mapping[str, Any],
+) -> Settings:
+    """Settings from a TOML path, a mapping, a Settings object, DSNs, or the environment."""
+    if primary is not None:
+        if source is not None:
+            raise ConfigError("primary", "give either a configuration or primary/replicas")
+        if isinstance(replicas, str):
+            raise ConfigError("replicas", "expected a list of connection strings, not one string")
+        data: dict[str, Any] = {"databases": {"main": {"primary": primary, "replicas": replicas}}}
+        return Settings.from_dict({**data, **options})
+    if isinstance(source, Settings):
+        return source.with_options(**options) if options else source
+    if isinstance(source, Mapping):
+        return Settings.from_dict({**source, **options})
+    if source is None:
+        settings = Settings.from_env()
+    else:
+        settings = Settings.from_toml(source)
+    return settings.with_options(**options) if options else settings
+
+
+class BalancerBase:
+    """What both balancers share: configuration, scopes, tokens and status."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._router = Router(settings)
+
+    def __repr__(self) -> str:
+        dbs = ", ".join(
+            f"{r.name}: {r.primary.label} + {len(r.replicas)} replicas"
+            for r in self._router.databases.values()
+        )
+        enabled = "" if self.settings.enabled else " disabled"
+        return f"<{type(self).__name__}{enabled} {dbs}>"
+
+    @property
+    def databases(self) -> tuple[str, ...]:
+        return tuple(self._router.databases)
+
+    def database_config(self, name: str | None = None) -> DatabaseConfig:
+        return self.settings.database(name)
+
+    # Scopes: no I/O, so they work with `with` and `async with` alike.
+
+    def primary(self) -> Scope:
+        """Everything inside goes to the primary."""
+        return Scope(use_primary=True)
+
+    def causal(self, token: CausalToken | str) -> Scope:
+        """Reads inside see at least ``token`` (from a cookie, a job or a message)."""
+        if isinstance(token, str):
+            token = CausalToken.parse(token)
+        return Scope(adopt=token)
+
+    def isolated(self) -> Scope:
+        """A fresh routing state inside; the outer one restored, unchanged, on exit."""
+        return isolated()
+
+    def token(self) -> CausalToken:
+        """The current context's causal token."""
+        return current_state().token
+
+    def status(self) -> list[HostStatus]:
+        """One entry per host: role, state, replay LSN and lag."""
+        self._router.refresh()
+        return [host.status() for host in self._router.hosts.values()]
+
+    def _pool_kwargs(self, host: Host) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "conninfo": host.dsn.conninfo,
+            "min_size": s.pool_min_size,
+            "max_size": s.pool_max_size,
+            "kwargs": {
+                "autocommit": True,
+                "application_name": s.application_name,
+                "connect_timeout": max(1, round(s.connect_timeout)),
+            },
+            "open": False,
+            "timeout": s.connect_timeout,
+            "name": host.label,
+        }
+
+
+def log_fallback(host: Host, exc: BaseException, reason: str) -> None:
+    logger.warning(
+        "db_routing_fallback host=%s error=%s reason=%s",
+        host.label,
+        type(exc).__name__,
+        reason,
+    )
+
+
+def log_routed(host: Host, reason: str, database: str) -> None:
+    if routing_logger.isEnabledFor(logging.DEBUG):
+        routing_logger.debug("routed_to=%s reason=%s database=%s", host.label, reason, database)
+
+
+POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)

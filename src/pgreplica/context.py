@@ -1,0 +1,114 @@
+"""Routing state held in contextvars: what the current context must read, and scopes.
+
+Every thread and every asyncio task sees its own :class:`RouteState`; a task started
+from another starts with a copy of its parent's state, and what it does afterwards
+stays its own. Scopes nest and restore on exit, with one exception that protects
+read-your-writes: positions this context *wrote* survive the end of any scope (a token
+only grows), so leaving ``lb.primary()`` or ``lb.causal(t)`` never forgets the caller's
+own writes. :func:`isolated` drops even those, for a worker moving to its next job.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from types import TracebackType
+
+from pgreplica.lsn import EMPTY_TOKEN, CausalToken
+
+__all__ = ["RouteState", "Scope", "current_state", "record_write"]
+
+
+class RouteState:
+    """Immutable routing state of one context."""
+
+    __slots__ = ("token", "use_primary", "written")
+
+    token: CausalToken
+    """The positions reads must see: adopted tokens merged with this context's writes."""
+    written: CausalToken
+    """The positions of this context's own writes."""
+    use_primary: bool
+    """Everything goes to the primary (``lb.primary()``)."""
+
+    def __init__(self, token: CausalToken, written: CausalToken, use_primary: bool) -> None:
+        self.token = token
+        self.written = written
+        self.use_primary = use_primary
+
+    def __repr__(self) -> str:
+        return (
+            f"RouteState(token={str(self.token)!r}, written={str(self.written)!r}, "
+            f"use_primary={self.use_primary})"
+        )
+
+
+INITIAL_STATE = RouteState(EMPTY_TOKEN, EMPTY_TOKEN, False)
+_STATE: ContextVar[RouteState] = ContextVar("pgreplica_route_state", default=INITIAL_STATE)
+
+current_state = _STATE.get
+
+
+def record_write(positions: CausalToken) -> None:
+    """The current context committed a write: its reads must now see ``positions``."""
+    state = _STATE.get()
+    _STATE.set(RouteState(state.token | positions, state.written | positions, state.use_primary))
+
+
+class Scope:
+    """A context manager (``with`` or ``async with``) that changes routing state."""
+
+    __slots__ = ("_adopt", "_isolate", "_saved", "_use_primary")
+
+    def __init__(
+        self,
+        *,
+        adopt: CausalToken | None = None,
+        use_primary: bool | None = None,
+        isolate: bool = False,
+    ) -> None:
+        if adopt is not None and not isinstance(adopt, CausalToken):
+            raise TypeError(f"expected a CausalToken, got {type(adopt).__name__}")
+        self._adopt = adopt
+        self._use_primary = use_primary
+        self._isolate = isolate
+        self._saved: list[RouteState] = []
+
+    def __enter__(self) -> RouteState:
+        state = _STATE.get()
+        self._saved.append(state)
+        if self._isolate:
+            state = INITIAL_STATE
+        token = state.token | self._adopt if self._adopt is not None else state.token
+        use_primary = state.use_primary if self._use_primary is None else self._use_primary
+        new = RouteState(token, state.written, use_primary)
+        _STATE.set(new)
+        return new
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        saved = self._saved.pop()
+        if self._isolate:
+            _STATE.set(saved)
+            return
+        written = _STATE.get().written
+        _STATE.set(RouteState(saved.token | written, saved.written | written, saved.use_primary))
+
+    async def __aenter__(self) -> RouteState:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def isolated() -> Scope:
+    """A fresh state inside (no token, no primary pin); the outer state back on exit."""
+    return Scope(isolate=True)

@@ -1,0 +1,382 @@
+"""Per-host health: probe results, a circuit breaker, and the background prober.
+
+The prober is written once, for asyncio. An :class:`~pgreplica.AsyncLoadBalancer` runs
+it as a task in its own loop; a sync :class:`~pgreplica.LoadBalancer` runs the same
+code in one background thread with a private loop. Requests never wait for a probe:
+they read the last published results (:class:`Host` attributes and the router's read
+sets), which the prober replaces after every probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from pgreplica.config import Dsn
+from pgreplica.lsn import parse_lsn
+
+__all__ = ["Backoff", "BreakerState", "Host", "HostStatus", "Prober", "ProberThread"]
+
+logger = logging.getLogger("pgreplica.health")
+
+PROBE_SQL = """\
+SELECT pg_is_in_recovery(),
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+             ELSE pg_current_wal_insert_lsn() END)::text,
+       pg_last_wal_receive_lsn()::text,
+       EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8"""
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "up"
+    OPEN = "down"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with jitter; pure, so it is testable without sleeping.
+
+    The n-th consecutive failure waits ``min(maximum, initial * multiplier**(n-1))``
+    shortened by up to ``jitter`` of itself, so hosts marked down together do not all
+    come back to be probed at the same instant.
+    """
+
+    initial: float = 0.2
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def delay(self, failures: int, rand: float) -> float:
+        exponent = max(0, failures - 1)
+        base = self.maximum if exponent > 64 else self.initial * self.multiplier**exponent
+        return min(self.maximum, base) * (1.0 - self.jitter * rand)
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """A snapshot of one host for ``lb.status()`` and ``pgreplica status``."""
+
+    host: str
+    role: str
+    """``primary``, ``replica``, or ``promoted`` (a replica that left recovery)."""
+    state: str
+    """``up``, ``down``, ``half_open``, ``lagging`` or ``unknown`` (not probed yet)."""
+    databases: tuple[str, ...]
+    replay_lsn: str | None
+    lag_bytes: int | None
+    lag_seconds: float | None
+    last_error: str | None = None
+
+
+class Host:
+    """One server: its last probe results and its circuit breaker.
+
+    ``replay_lsn`` is what the router compares with causal tokens. The prober sets it
+    to what the server reported; a direct check on the request path may only raise it
+    (:meth:`note_replay_lsn`): both are positions the server had reached, so the value
+    never claims more than the server has replayed.
+    """
+
+    def __init__(self, dsn: Dsn, *, configured_primary: bool, backoff: Backoff) -> None:
+        self.dsn = dsn
+        self.label = dsn.label
+        self.configured_primary = configured_primary
+        self.databases: tuple[str, ...] = ()
+        self.backoff = backoff
+        self.in_recovery: bool | None = None
+        self.replay_lsn = 0
+        self.receive_lsn: int | None = None
+        self.replay_age: float | None = None
+        self.probed_at: float | None = None
+        self.lag_bytes: int | None = None
+        self.lag_seconds: float | None = None
+        self.lagging = False
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Host {self.label} {self.state.value}>"
+
+    @property
+    def up(self) -> bool:
+        return self.state is BreakerState.CLOSED
+
+    @property
+    def role(self) -> str:
+        if self.configured_primary:
+            return "primary"
+        return "promoted" if self.in_recovery is False else "replica"
+
+    def note_replay_lsn(self, position: int) -> None:
+        """A direct check saw the server at ``position``: raise the cache if lower."""
+        if position > self.replay_lsn:
+            self.replay_lsn = position
+
+    def record_probe(
+        self, in_recovery: bool, lsn: int, receive_lsn: int | None, replay_age: float | None
+    ) -> None:
+        with self._lock:
+            was = self.state
+            promoted = self.in_recovery is True and not in_recovery
+            self.in_recovery = in_recovery
+            self.replay_lsn = lsn
+            self.receive_lsn = receive_lsn
+            self.replay_age = replay_age
+            self.probed_at = time.monotonic()
+            self.state = BreakerState.CLOSED
+            self.failures = 0
+            self.last_error = None
+        if was is not BreakerState.CLOSED:
+            logger.info("host_online host=%s role=%s", self.label, self.role)
+        if promoted and not self.configured_primary:
+            logger.warning("host_promoted host=%s: out of the read set", self.label)
+
+    def record_failure(self, error_class: str, reason: str, *, rand: float | None = None) -> bool:
+        """Open the breaker. True when this call took the host from up to down."""
+        with self._lock:
+            was = self.state
+            self.failures += 1
+            wait = self.backoff.delay(self.failures, random.random() if rand is None else rand)
+            self.retry_at = time.monotonic() + wait
+            self.state = BreakerState.OPEN
+            self.last_error = f"{error_class}: {reason}"
+        if was is BreakerState.CLOSED:
+            logger.warning(
+                "host_offline host=%s error=%s reason=%s retry_in=%.2fs",
+                self.label,
+                error_class,
+                reason,
+                wait,
+            )
+            return True
+        return False
+
+    def begin_half_open(self) -> bool:
+        """If the breaker is open and its wait is over, move to half-open: probe once."""
+        with self._lock:
+            if self.state is BreakerState.OPEN and time.monotonic() >= self.retry_at:
+                self.state = BreakerState.HALF_OPEN
+                return True
+            return False
+
+    def status(self) -> HostStatus:
+        if self.probed_at is None and self.state is BreakerState.CLOSED:
+            state = "unknown"
+        elif self.state is BreakerState.CLOSED and self.lagging:
+            state = "lagging"
+        else:
+            state = self.state.value
+        return HostStatus(
+            host=self.label,
+            role=self.role,
+            state=state,
+            databases=self.databases,
+            replay_lsn=_fmt(self.replay_lsn) if self.replay_lsn else None,
+            lag_bytes=self.lag_bytes,
+            lag_seconds=self.lag_seconds,
+            last_error=self.last_error,
+        )
+
+
+def _fmt(position: int) -> str:
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+def error_reason(exc: BaseException) -> str:
+    """A short, password-free description of a connection or probe failure."""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate:
+        return f"sqlstate {sqlstate}"
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    # libpq's messages name host and port, never the password; keep them short.
+    return first[:160]
+
+
+class Prober:
+    """Probes every host every ``interval`` seconds, each host in its own task.
+
+    A host that does not answer within ``timeout`` is marked down at once, without
+    waiting for the stuck query to be cancelled, so a hung server leaves the read set
+    within ``interval + timeout``.
+    """
+
+    def __init__(
+        self,
+        hosts: list[Host],
+        *,
+        interval: float,
+        timeout: float,
+        connect_timeout: float,
+        statement_timeout: float,
+        application_name: str,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.hosts = hosts
+        self.interval = interval
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.statement_timeout_ms = max(1, int(statement_timeout * 1000))
+        self.application_name = application_name
+        self.on_change = on_change
+        self.first_round = threading.Event()
+        self._stop = asyncio.Event()
+        self._pending_first = len(hosts)
+
+    async def run(self) -> None:
+        if not self.hosts:
+            self.first_round.set()
+        tasks = [asyncio.ensure_future(self._probe_loop(h)) for h in self.hosts]
+        try:
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, or return True early when the prober is stopping."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=max(0.0, seconds))
+        return self._stop.is_set()
+
+    async def _probe_loop(self, host: Host) -> None:
+        conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        stuck: set[asyncio.Future[object]] = set()
+        try:
+            while True:
+                if host.state is BreakerState.OPEN and not host.begin_half_open():
+                    if await self._sleep(min(self.interval, host.retry_at - time.monotonic())):
+                        return
+                    continue
+                conn = await self._probe_once(host, conn, stuck)
+                self.on_change()
+                self._first_done()
+                if await self._sleep(self.interval):
+                    return
+        finally:
+            if conn is not None:
+                await _close_quietly(conn)
+            for future in stuck:
+                future.cancel()
+
+    def _first_done(self) -> None:
+        if not self.first_round.is_set():
+            self._pending_first -= 1
+            if self._pending_first <= 0:
+                self.first_round.set()
+
+    async def _probe_once(
+        self,
+        host: Host,
+        conn: psycopg.AsyncConnection[tuple[object, ...]] | None,
+        stuck: set[asyncio.Future[object]],
+    ) -> psycopg.AsyncConnection[tuple[object, ...]] | None:
+        try:
+            if conn is None or conn.closed:
+                conn = await asyncio.wait_for(self._connect(host), self.connect_timeout + 0.5)
+            future: asyncio.Future[object] = asyncio.ensure_future(_query(conn))
+            done, _ = await asyncio.wait({future}, timeout=self.timeout)
+            if not done:
+                # Do not wait for the stuck query to be cancelled: mark down now.
+                future.cancel()
+                stuck.add(future)
+                future.add_done_callback(stuck.discard)
+                host.record_failure("ProbeTimeout", f"no answer within {self.timeout:g}s")
+                _abandon(conn)
+                return None
+            row = future.result()
+            assert isinstance(row, tuple)
+            in_recovery, lsn_text, receive_text, replay_age = row
+            host.record_probe(
+                bool(in_recovery),
+                parse_lsn(str(lsn_text)) if lsn_text else 0,
+                parse_lsn(str(receive_text)) if receive_text else None,
+                float(str(replay_age)) if replay_age is not None else None,
+            )
+            return conn
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            host.record_failure(type(exc).__name__, error_reason(exc))
+            if conn is not None:
+                await _close_quietly(conn)
+            return None
+
+    async def _connect(self, host: Host) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        return await psycopg.AsyncConnection.connect(
+            host.dsn.conninfo,
+            autocommit=True,
+            connect_timeout=max(1, round(self.connect_timeout)),
+            application_name=f"{self.application_name}-prober",
+            options=f"-c statement_timeout={self.statement_timeout_ms}",
+        )
+
+
+async def _query(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> tuple[object, ...]:
+    cur = await conn.execute(PROBE_SQL)
+    row = await cur.fetchone()
+    assert row is not None
+    return row
+
+
+def _abandon(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    """Drop a connection to a hung server without waiting for it."""
+    with contextlib.suppress(Exception):
+        conn.pgconn.finish()
+
+
+async def _close_quietly(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
+class ProberThread:
+    """Runs a :class:`Prober` in a daemon thread with its own event loop (sync API)."""
+
+    def __init__(self, prober: Prober) -> None:
+        self.prober = prober
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="pgreplica-prober", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            task = loop.create_task(self.prober.run())
+            self._ready.set()
+            loop.run_until_complete(task)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.prober.stop)
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -1,0 +1,93 @@
+"""Generate the sync balancer from the asyncio one, so that there is one copy to edit.
+
+    python tools/gen_sync.py          # rewrite src/pgreplica/_balancer_sync.py
+    python tools/gen_sync.py --check  # exit 1 if the generated file is out of date
+
+Rules: ``async``/``await`` disappear, ``Async`` prefixes and asyncio primitives map to
+their sync twins, lines between ``# async-only-begin`` and ``# async-only-end`` are
+dropped, and a comment line ``# sync-only: CODE`` becomes ``CODE``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "src" / "pgreplica" / "_balancer_async.py"
+TARGET = ROOT / "src" / "pgreplica" / "_balancer_sync.py"
+
+HEADER = '''"""The sync load balancer: GENERATED from ``_balancer_async.py`` by
+``tools/gen_sync.py``. Do not edit; edit the asyncio file and regenerate."""
+'''
+
+_SYNC_ONLY = re.compile(r"^(\s*)# sync-only: ?(.*)$")
+_REPLACEMENTS: list[tuple[str, str]] = [
+    (r"\bAsyncIterator\b", "Iterator"),
+    (r"\basynccontextmanager\b", "contextmanager"),
+    (r"\b_Async(\w+)", r"_\1"),
+    (r"\bAsync(\w+)", r"\1"),
+    (r"\basync def ", "def "),
+    (r"\basync with ", "with "),
+    (r"\basync for ", "for "),
+    (r"\bawait ", ""),
+    (r"__aenter__", "__enter__"),
+    (r"__aexit__", "__exit__"),
+    (r"__aiter__", "__iter__"),
+    (r"\basyncio\.Lock\(\)", "threading.Lock()"),
+    (r"\basyncio\.sleep\(", "time.sleep("),
+    (r"^import asyncio$", "import threading"),
+    (r"\(asyncio\)", "(threads)"),
+]
+
+
+def convert(text: str) -> str:
+    body = text.split('"""', 2)[2].lstrip("\n")  # drop the module docstring
+    out: list[str] = []
+    skipping = False
+    for line in body.splitlines():
+        marker = line.strip()
+        if marker in ("# async-only-begin", "# async-only-end"):
+            skipping = marker.endswith("begin")
+            continue
+        if skipping:
+            continue
+        match = _SYNC_ONLY.match(line)
+        if match:
+            line = match.group(1) + match.group(2) if match.group(2) else ""
+        for pattern, repl in _REPLACEMENTS:
+            line = re.sub(pattern, repl, line, flags=re.MULTILINE)
+        out.append(line)
+    return HEADER + "\n" + "\n".join(out) + "\n"
+
+
+def formatted(text: str) -> str:
+    ruff = Path(sys.executable).parent / "ruff"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TARGET.name
+        path.write_text(text)
+        config = ["--config", str(ROOT / "pyproject.toml")]
+        subprocess.run(
+            [str(ruff), "check", "--fix-only", "--select", "I,F401", "-q", *config, str(path)],
+            check=False,
+        )
+        subprocess.run([str(ruff), "format", "-q", *config, str(path)], check=True)
+        return path.read_text()
+
+
+def main(argv: list[str]) -> int:
+    result = formatted(convert(SOURCE.read_text()))
+    if "--check" in argv:
+        if not TARGET.exists() or TARGET.read_text() != result:
+            print(f"{TARGET.relative_to(ROOT)} is out of date: run python tools/gen_sync.py")
+            return 1
+        return 0
+    TARGET.write_text(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
