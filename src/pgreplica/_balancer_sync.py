@@ -569,7 +569,11 @@ class _WriteUnit:
         try:
             # One round trip: commit, then read the WAL position, which is at or past the
             # end of the commit record: a replica that replayed it has the write.
-            cur = conn.execute(COMMIT_SQL if status == TransactionStatus.INTRANS else LSN_SQL)
+            if status == TransactionStatus.INTRANS:
+                cur = conn.execute(COMMIT_SQL)
+                cur.nextset()  # past COMMIT's result to the SELECT's
+            else:
+                cur = conn.execute(LSN_SQL)
             row = cur.fetchone()
         except psycopg.Error as exc:
             if not is_connection_error(exc):

@@ -170,9 +170,11 @@ class Router:
         return [h for h in read_set if h.replay_lsn >= need]
 
     def behind(self, route: DatabaseRoute, need: int, exclude: Host | None) -> list[Host]:
-        """Usable replicas the cache cannot prove caught up, the most advanced first."""
+        """Usable replicas the cache cannot prove caught up, in round-robin order."""
         hosts = [h for h in route.read_set if h.replay_lsn < need and h is not exclude]
-        hosts.sort(key=lambda h: h.replay_lsn, reverse=True)
+        if len(hosts) > 1:
+            start = self.next_index(len(hosts))
+            hosts = hosts[start:] + hosts[:start]
         return hosts
 
     def make_prober(self) -> Prober:
