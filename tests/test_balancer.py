@@ -16,7 +16,7 @@ import pytest
 
 import pgreplica
 from pgreplica.testing import LocalCluster
-from workload import gathered, prepare, threaded, wait_until
+from pgreplica.workload import gathered, prepare, threaded, wait_until
 
 
 def host_state(lb: pgreplica.LoadBalancer, port: int) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 import pgreplica
 from pgreplica.testing import LocalCluster
-from workload import Tally, prepare, threaded, wait_until
+from pgreplica.workload import Tally, prepare, threaded, wait_until
 
 
 def label(cluster: LocalCluster, index: int) -> str:

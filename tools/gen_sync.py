@@ -5,7 +5,7 @@
 
 Rules: ``async``/``await`` disappear, ``Async`` prefixes and asyncio primitives map to
 their sync twins, lines between ``# async-only-begin`` and ``# async-only-end`` are
-dropped, and a comment line ``# sync-only: CODE`` becomes ``CODE``.
+dropped, as is a line ending in ``# async-only``, and a comment line ``# sync-only: CODE`` becomes ``CODE``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def convert(text: str) -> str:
         if marker in ("# async-only-begin", "# async-only-end"):
             skipping = marker.endswith("begin")
             continue
-        if skipping:
+        if skipping or line.endswith("# async-only"):
             continue
         match = _SYNC_ONLY.match(line)
         if match:

@@ -74,6 +74,7 @@ class AsyncLoadBalancer(BalancerBase):
         self._closed = False
         self._prober = self._router.make_prober()
         self._prober_runner: Any = None
+        self._background: set[asyncio.Future[None]] = set()  # async-only
 
     @classmethod
     def from_config(
@@ -98,6 +99,7 @@ class AsyncLoadBalancer(BalancerBase):
                 pool: AsyncConnectionPool[AConn] = AsyncConnectionPool(**self._pool_kwargs(host))
                 await pool.open(wait=False)
                 self._pools[host] = pool
+                host.on_down = self._drain
             self._start_prober()
             self._opened = True
         if wait:
@@ -125,7 +127,21 @@ class AsyncLoadBalancer(BalancerBase):
         self._prober.stop()
         await self._prober_runner
 
+    def _drain(self, host: Host) -> None:
+        # Connections opened before the host went down are dead or suspect: drop them,
+        # so that they do not fail (and mark the host down again) once it is back.
+        pool = self._pools.get(host)
+        if pool is not None:
+            task = asyncio.ensure_future(pool.drain())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     # async-only-end
+    # sync-only: def _drain(self, host: Host) -> None:
+    # sync-only:     pool = self._pools.get(host)
+    # sync-only:     if pool is not None:
+    # sync-only:         pool.drain()
+    # sync-only:
     # sync-only: def _start_prober(self) -> None:
     # sync-only:     self._prober_runner = ProberThread(self._prober)
     # sync-only:     self._prober_runner.start()

@@ -88,6 +88,7 @@ class LoadBalancer(BalancerBase):
                 pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
                 pool.open(wait=False)
                 self._pools[host] = pool
+                host.on_down = self._drain
             self._start_prober()
             self._opened = True
         if wait:
@@ -106,6 +107,11 @@ class LoadBalancer(BalancerBase):
             for pool in self._pools.values():
                 pool.close()
             self._pools.clear()
+
+    def _drain(self, host: Host) -> None:
+        pool = self._pools.get(host)
+        if pool is not None:
+            pool.drain()
 
     def _start_prober(self) -> None:
         self._prober_runner = ProberThread(self._prober)

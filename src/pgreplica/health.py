@@ -105,6 +105,8 @@ class Host:
         self.failures = 0
         self.retry_at = 0.0
         self.last_error: str | None = None
+        self.on_down: Callable[[Host], None] | None = None
+        """Called when the host goes from up to down (the balancer drains its pool)."""
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -153,16 +155,18 @@ class Host:
             self.retry_at = time.monotonic() + wait
             self.state = BreakerState.OPEN
             self.last_error = f"{error_class}: {reason}"
-        if was is BreakerState.CLOSED:
-            logger.warning(
-                "host_offline host=%s error=%s reason=%s retry_in=%.2fs",
-                self.label,
-                error_class,
-                reason,
-                wait,
-            )
-            return True
-        return False
+        if was is not BreakerState.CLOSED:
+            return False
+        logger.warning(
+            "host_offline host=%s error=%s reason=%s retry_in=%.2fs",
+            self.label,
+            error_class,
+            reason,
+            wait,
+        )
+        if self.on_down is not None:
+            self.on_down(self)
+        return True
 
     def begin_half_open(self) -> bool:
         """If the breaker is open and its wait is over, move to half-open: probe once."""

@@ -1,4 +1,5 @@
-"""Write-then-read workloads that count stale reads, shared by tests, demo and bench.
+"""Write-then-read workloads that count stale reads: the demo, the tests and the
+benchmarks use them, and so can an application's own tests.
 
 Each worker owns one counter row. A cycle increments it on the primary through
 ``lb.write()`` (the commit advances the context's causal token) and reads it back through
@@ -14,9 +15,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import pgreplica
+from pgreplica._balancer_async import AsyncLoadBalancer
+from pgreplica._balancer_sync import LoadBalancer
 
 SETUP_SQL = "CREATE TABLE IF NOT EXISTS rw_counters (id int PRIMARY KEY, v bigint NOT NULL)"
+INCREMENT_SQL = "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v"
+READ_SQL = "SELECT v FROM rw_counters WHERE id = %s"
+
+
+def _value(row: Any) -> int:
+    if row is None:
+        raise LookupError("counter row missing: call prepare() first")
+    return int(row[0])
 
 
 @dataclass
@@ -51,7 +61,7 @@ def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -
     return time.monotonic() - start
 
 
-def prepare(lb: pgreplica.LoadBalancer, keys: range) -> None:
+def prepare(lb: LoadBalancer, keys: range) -> None:
     """Create the counter rows (in an isolated scope: the caller's token is untouched)."""
     with lb.isolated(), lb.write() as conn:
         conn.execute(SETUP_SQL)
@@ -63,7 +73,7 @@ def prepare(lb: pgreplica.LoadBalancer, keys: range) -> None:
 
 
 def sync_cycles(
-    lb: pgreplica.LoadBalancer,
+    lb: LoadBalancer,
     key: int,
     *,
     cycles: int | None = None,
@@ -79,14 +89,9 @@ def sync_cycles(
         ):
             try:
                 with lb.write() as conn:
-                    row = conn.execute(
-                        "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v", (key,)
-                    ).fetchone()
-                written = row[0]
+                    written = _value(conn.execute(INCREMENT_SQL, (key,)).fetchone())
                 with lb.read(**kwargs) as conn:
-                    seen = conn.execute(
-                        "SELECT v FROM rw_counters WHERE id = %s", (key,)
-                    ).fetchone()[0]
+                    seen = _value(conn.execute(READ_SQL, (key,)).fetchone())
                     tally.reasons[conn.reason] += 1
                     tally.hosts[conn.host] += 1
                 if seen < written:
@@ -98,7 +103,7 @@ def sync_cycles(
 
 
 def threaded(
-    lb: pgreplica.LoadBalancer,
+    lb: LoadBalancer,
     keys: range,
     *,
     cycles: int | None = None,
@@ -119,7 +124,7 @@ def threaded(
 
 
 async def async_cycles(
-    alb: pgreplica.AsyncLoadBalancer,
+    alb: AsyncLoadBalancer,
     key: int,
     *,
     cycles: int | None = None,
@@ -129,13 +134,10 @@ async def async_cycles(
     while (cycles is None or tally.cycles < cycles) and (until is None or time.monotonic() < until):
         try:
             async with alb.write() as conn:
-                cur = await conn.execute(
-                    "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v", (key,)
-                )
-                written = (await cur.fetchone())[0]
+                cur = await conn.execute(INCREMENT_SQL, (key,))
+                written = _value(await cur.fetchone())
             async with alb.read() as conn:
-                cur = await conn.execute("SELECT v FROM rw_counters WHERE id = %s", (key,))
-                seen = (await cur.fetchone())[0]
+                seen = _value(await (await conn.execute(READ_SQL, (key,))).fetchone())
                 tally.reasons[conn.reason] += 1
                 tally.hosts[conn.host] += 1
             if seen < written:
@@ -147,7 +149,7 @@ async def async_cycles(
 
 
 async def gathered(
-    alb: pgreplica.AsyncLoadBalancer,
+    alb: AsyncLoadBalancer,
     keys: range,
     *,
     cycles: int | None = None,
