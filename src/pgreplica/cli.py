@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psycopg
+
 from pgreplica.localcluster import DEFAULT_DIRECTORY, ClusterError, LocalCluster
 
 _Handler = Callable[[argparse.Namespace], int]
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: _Handler = args.handler
     try:
         return handler(args)
-    except ClusterError as exc:
+    except (ClusterError, psycopg.Error) as exc:
         print(f"pgreplica: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

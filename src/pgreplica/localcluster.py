@@ -88,6 +88,7 @@ wal_keep_size = 256MB
 hot_standby = on
 hot_standby_feedback = on
 wal_receiver_status_interval = 1s
+wal_retrieve_retry_interval = 500ms
 fsync = off
 synchronous_commit = on
 full_page_writes = off
@@ -381,16 +382,22 @@ class LocalCluster:
             if replicas != stored_replicas:
                 raise ClusterError(
                     f"{self.directory} already holds a cluster with {stored_replicas} "
-                    f"replicas, not {replicas}: use LocalCluster.load() or destroy it first"
+                    f"replicas, not {replicas}: {self._reuse_hint()}"
                 )
             if port is not None and port != stored_port:
                 raise ClusterError(
                     f"{self.directory} already holds a cluster on port {stored_port}, "
-                    f"not {port}: use LocalCluster.load() or destroy it first"
+                    f"not {port}: {self._reuse_hint()}"
                 )
             self._port = stored_port
             if bindir is None:
                 self._bindir = cast(str, state.get("bindir")) or None
+
+    def _reuse_hint(self) -> str:
+        return (
+            "open it with LocalCluster.load() or remove it first "
+            f"(pgreplica cluster destroy --dir {self.directory})"
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str] = DEFAULT_DIRECTORY) -> LocalCluster:
@@ -569,11 +576,13 @@ class LocalCluster:
     def pause(self, replica: int) -> None:
         """Pause WAL replay on ``replica`` (``pg_wal_replay_pause()``)."""
         self._check_replica(replica)
+        self._require_answering(replica)
         self.execute(replica, "SELECT pg_wal_replay_pause()")
 
     def resume(self, replica: int) -> None:
         """Resume WAL replay on ``replica`` (``pg_wal_replay_resume()``)."""
         self._check_replica(replica)
+        self._require_answering(replica)
         self.execute(replica, "SELECT pg_wal_replay_resume()")
 
     def kill(self, replica: int) -> None:
@@ -622,8 +631,7 @@ class LocalCluster:
         The old primary keeps running: this is a failover test, not a switchover.
         """
         self._check_replica(replica)
-        if self._postmaster_pid(replica) is None:
-            raise ClusterError(f"replica {replica} is not running, so it cannot be promoted")
+        self._require_answering(replica)
         if not self._is_standby(replica):
             return
         self._pg_ctl(replica, "promote", "-w", "-t", str(int(_WAIT_TIMEOUT)))
@@ -773,6 +781,12 @@ class LocalCluster:
         if not 1 <= replica <= self.replicas:
             hint = " (0 is the primary)" if replica == 0 else ""
             raise ClusterError(f"no replica {replica}: this cluster has {self._range_text()}{hint}")
+
+    def _require_answering(self, index: int) -> None:
+        if self._postmaster_pid(index) is None:
+            raise ClusterError(f"{self.name(index)} is not running: start it first")
+        if self._is_frozen(index):
+            raise ClusterError(f"{self.name(index)} is frozen: thaw it first")
 
     def _range_text(self) -> str:
         if self.replicas == 0:
