@@ -1,0 +1,57 @@
+"""Shared fixtures: real PostgreSQL servers from :class:`pgreplica.testing.LocalCluster`.
+
+``cluster``          one primary + 2 streaming replicas for the whole session.
+``healthy_cluster``  ``cluster``, healed before and after the test (for failure injection).
+``scratch_cluster``  a throwaway primary + 1 replica per test (for promotion).
+
+The cluster directories are made with ``make_cluster_directory`` rather than pytest's
+``tmp_path``: when the tests run as root the servers run as ``postgres``, which cannot
+enter pytest's 0700 temp directories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pgreplica.testing import LocalCluster, make_cluster_directory
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """A running primary with replicas 1 and 2, both streaming; removed after the session.
+
+    Tests that inject failures should use ``healthy_cluster`` so that the next test finds
+    every server running again.
+    """
+    local = LocalCluster(make_cluster_directory(), replicas=2)
+    try:
+        yield local.up()
+    finally:
+        local.destroy()
+
+
+@pytest.fixture
+def healthy_cluster(cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The session cluster with every server running, thawed, unpaused and undelayed,
+    and every replica streaming and caught up; restored again after the test.
+
+    Promotion cannot be undone: use ``scratch_cluster`` for that.
+    """
+    cluster.heal()
+    yield cluster
+    cluster.heal()
+
+
+@pytest.fixture
+def scratch_cluster() -> Iterator[LocalCluster]:
+    """A fresh primary with one streaming replica, destroyed after the test."""
+    local = LocalCluster(make_cluster_directory(), replicas=1)
+    try:
+        yield local.up()
+    finally:
+        local.destroy()
+
+
+# More shared fixtures go below.
