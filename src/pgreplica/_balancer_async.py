@@ -26,9 +26,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgreplica.balancer import (
     CHECK_SQL,
+    CHECKOUT_ERRORS,
     COMMIT_SQL,
     LSN_SQL,
-    POOL_ERRORS,
     BalancerBase,
     DatabaseRoute,
     build_settings,
@@ -224,7 +224,7 @@ class AsyncLoadBalancer(BalancerBase):
                 host = candidates[router.next_index(len(candidates))]
                 try:
                     return host, await self._checkout(host), "replica"
-                except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+                except CHECKOUT_ERRORS as exc:
                     if isinstance(exc, psycopg.OperationalError):
                         self._host_failed(host, exc)
                     log_fallback(host, exc, "connect_failed")
@@ -234,7 +234,7 @@ class AsyncLoadBalancer(BalancerBase):
                 for host in router.behind(route, need, exclude):
                     try:
                         conn = await self._checkout(host)
-                    except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+                    except CHECKOUT_ERRORS as exc:
                         if isinstance(exc, psycopg.OperationalError):
                             self._host_failed(host, exc)
                         continue
@@ -268,7 +268,7 @@ class AsyncLoadBalancer(BalancerBase):
             )
         try:
             return await self._checkout(primary)
-        except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+        except CHECKOUT_ERRORS as exc:
             if isinstance(exc, psycopg.OperationalError):
                 self._host_failed(primary, exc)
             raise HostUnavailable(
@@ -557,7 +557,7 @@ class _AsyncWriteUnit:
             )
         try:
             conn = await lb._checkout(host)
-        except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+        except CHECKOUT_ERRORS as exc:
             if isinstance(exc, psycopg.OperationalError):
                 lb._host_failed(host, exc)
             raise PrimaryUnavailable(

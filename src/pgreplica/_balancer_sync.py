@@ -18,9 +18,9 @@ from psycopg_pool import ConnectionPool
 
 from pgreplica.balancer import (
     CHECK_SQL,
+    CHECKOUT_ERRORS,
     COMMIT_SQL,
     LSN_SQL,
-    POOL_ERRORS,
     BalancerBase,
     DatabaseRoute,
     build_settings,
@@ -195,7 +195,7 @@ class LoadBalancer(BalancerBase):
                 host = candidates[router.next_index(len(candidates))]
                 try:
                     return host, self._checkout(host), "replica"
-                except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+                except CHECKOUT_ERRORS as exc:
                     if isinstance(exc, psycopg.OperationalError):
                         self._host_failed(host, exc)
                     log_fallback(host, exc, "connect_failed")
@@ -205,7 +205,7 @@ class LoadBalancer(BalancerBase):
                 for host in router.behind(route, need, exclude):
                     try:
                         conn = self._checkout(host)
-                    except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+                    except CHECKOUT_ERRORS as exc:
                         if isinstance(exc, psycopg.OperationalError):
                             self._host_failed(host, exc)
                         continue
@@ -239,7 +239,7 @@ class LoadBalancer(BalancerBase):
             )
         try:
             return self._checkout(primary)
-        except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+        except CHECKOUT_ERRORS as exc:
             if isinstance(exc, psycopg.OperationalError):
                 self._host_failed(primary, exc)
             raise HostUnavailable(
@@ -528,7 +528,7 @@ class _WriteUnit:
             )
         try:
             conn = lb._checkout(host)
-        except POOL_ERRORS + (psycopg.OperationalError,) as exc:
+        except CHECKOUT_ERRORS as exc:
             if isinstance(exc, psycopg.OperationalError):
                 lb._host_failed(host, exc)
             raise PrimaryUnavailable(

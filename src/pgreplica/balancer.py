@@ -113,7 +113,9 @@ class Router:
             return self.databases[database or self.default_database]
         except KeyError:
             known = ", ".join(self.databases)
-            raise ConfigError("database", f"no database {database!r} (configured: {known})") from None
+            raise ConfigError(
+                "database", f"no database {database!r} (configured: {known})"
+            ) from None
 
     def next_index(self, count: int) -> int:
         return next(self._round_robin) % count
@@ -208,10 +210,7 @@ def build_settings(
         return source.with_options(**options) if options else source
     if isinstance(source, Mapping):
         return Settings.from_dict({**source, **options})
-    if source is None:
-        settings = Settings.from_env()
-    else:
-        settings = Settings.from_toml(source)
+    settings = Settings.from_env() if source is None else Settings.from_toml(source)
     return settings.with_options(**options) if options else settings
 
 
@@ -293,4 +292,5 @@ def log_routed(host: Host, reason: str, database: str) -> None:
         routing_logger.debug("routed_to=%s reason=%s database=%s", host.label, reason, database)
 
 
-POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
+#: What checking out a connection can raise; only OperationalError says the host is sick.
+CHECKOUT_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, psycopg.OperationalError)

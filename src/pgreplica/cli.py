@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 
+from pgreplica.errors import PgReplicaError
 from pgreplica.localcluster import DEFAULT_DIRECTORY, ClusterError, LocalCluster
 
 _Handler = Callable[[argparse.Namespace], int]
@@ -27,7 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_cluster_commands(commands)
-    # Further top-level commands (status, demo, dump) are added here, each with
+    status = commands.add_parser(
+        "status", help="hosts of a configuration: role, state, replay LSN, lag"
+    )
+    status.add_argument(
+        "--config", help="pgreplica TOML file (default: $PGREPLICA_CONFIG or the environment)"
+    )
+    status.add_argument("--database", help="only the hosts of this database")
+    status.set_defaults(handler=_status_main)
+    demo = commands.add_parser(
+        "demo", help="read-your-writes under injected lag and a replica failure"
+    )
+    from pgreplica import demo as demo_module
+
+    demo_module.add_arguments(demo)
+    demo.set_defaults(handler=demo_module.run)
+    # Further top-level commands (dump) are added here, each with
     # commands.add_parser(...) and set_defaults(handler=...).
     return parser
 
@@ -39,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: _Handler = args.handler
     try:
         return handler(args)
-    except (ClusterError, psycopg.Error) as exc:
+    except (ClusterError, PgReplicaError, psycopg.Error) as exc:
         print(f"pgreplica: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -188,3 +204,39 @@ def _print_status(cluster: LocalCluster) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------- pgreplica status
+
+
+def _status_main(args: argparse.Namespace) -> int:
+    """Probe every configured host once and print a table; exit 1 if a host is down."""
+    from pgreplica._balancer_sync import LoadBalancer
+
+    lb = LoadBalancer.from_config(args.config)
+    try:
+        lb.open()
+        rows = [s for s in lb.status() if args.database is None or args.database in s.databases]
+    finally:
+        lb.close()
+    header = ("HOST", "DATABASES", "ROLE", "STATE", "REPLAY LSN", "LAG BYTES", "LAG SECONDS")
+    table = [header]
+    for s in rows:
+        table.append(
+            (
+                s.host,
+                ",".join(s.databases),
+                s.role,
+                s.state,
+                s.replay_lsn or "-",
+                "-" if s.lag_bytes is None else str(s.lag_bytes),
+                "-" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for s in rows:
+        if s.last_error:
+            print(f"{s.host}: {s.last_error}")
+    return 1 if any(s.state == "down" for s in rows) else 0

@@ -333,7 +333,9 @@ def _check_number(name: str, value: Any, *, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(name, f"expected a number of seconds, got {value!r}")
     if value < 0 or (positive and value == 0):
-        raise ConfigError(name, f"must be {'positive' if positive else 'zero or more'}, got {value}")
+        raise ConfigError(
+            name, f"must be {'positive' if positive else 'zero or more'}, got {value}"
+        )
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

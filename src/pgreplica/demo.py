@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", help="cluster directory (default: a temporary one, removed)")
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if args.config:
         lb = LoadBalancer.from_config(args.config)
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         started = time.monotonic()
         cluster.up()
         print(
-            f"local cluster up in {time.monotonic() - started:.1f}s: primary and 2 replicas", file=out
+            f"local cluster up in {time.monotonic() - started:.1f}s: primary and 2 replicas",
+            file=out,
         )
         for index in range(3):
             role = "primary " if index == 0 else f"replica{index}"
@@ -93,7 +95,9 @@ def _workload(
     )
     until = time.monotonic() + args.seconds
     result: dict[str, Tally] = {}
-    worker = threading.Thread(target=lambda: result.setdefault("t", threaded(lb, keys, until=until)))
+    worker = threading.Thread(
+        target=lambda: result.setdefault("t", threaded(lb, keys, until=until))
+    )
     worker.start()
     if cluster is not None:
         time.sleep(args.seconds * 0.35)

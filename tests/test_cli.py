@@ -1,0 +1,61 @@
+"""``pgreplica status`` and ``pgreplica demo`` on real servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pgreplica.cli import main
+from pgreplica.testing import LocalCluster
+
+
+def password_of(cluster: LocalCluster) -> str:
+    return cluster.primary_dsn.split(":")[2].split("@")[0]
+
+
+def test_status_prints_every_host_without_secrets(
+    healthy_cluster: LocalCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = healthy_cluster.write_config(tmp_path / "pgreplica.toml")
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["HOST", "DATABASES", "ROLE", "STATE"]
+    roles = [line.split()[2] for line in lines[1:4]]
+    assert roles == ["primary", "replica", "replica"]
+    assert all(line.split()[3] == "up" for line in lines[1:4])
+    assert password_of(healthy_cluster) not in out
+
+
+def test_status_exits_non_zero_when_a_host_is_down(
+    healthy_cluster: LocalCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "pgreplica.toml"
+    dead = "postgresql://postgres:S3cr3t-pw@127.0.0.1:1/postgres"
+    config.write_text(
+        f'[databases.main]\nprimary = "{healthy_cluster.primary_dsn}"\nreplicas = ["{dead}"]\n'
+    )
+    assert main(["status", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "127.0.0.1:1/postgres" in out and " down " in out
+    assert "S3cr3t-pw" not in out
+
+
+def test_status_reports_a_bad_config_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "pgreplica.toml"
+    config.write_text('max_lag_bytes = -1\n[databases.main]\nprimary = "host=x"\n')
+    assert main(["status", "--config", str(config)]) == 1
+    assert "max_lag_bytes" in capsys.readouterr().err
+
+
+def test_demo_ends_with_zero_stale_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--seconds", "3", "--threads", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "injected: replay delay 300ms on replica1" in out
+    assert "injected: replica2 killed" in out
+    assert "errors seen by the caller: 0" in out
+    assert out.rstrip().splitlines()[-1] == "stale reads: 0"
+    assert "***" in out
