@@ -45,7 +45,6 @@ _SIZE_UNITS = {
     "GB": 1024**3,
     "GiB": 1024**3,
 }
-_QUOTED_RE = re.compile(r'"[^"]*"')
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -70,7 +69,8 @@ class Dsn:
             params = conninfo_to_dict(text)
         except psycopg.ProgrammingError as exc:
             # libpq quotes pieces of the text, which may hold the password: drop them.
-            reason = _QUOTED_RE.sub("...", str(exc).strip().splitlines()[0])
+            first_line = (str(exc).strip().splitlines() or ["invalid"])[0]
+            reason = first_line.split('"', 1)[0].strip().rstrip(":") or "invalid"
             raise ConfigError(setting, f"malformed connection string ({reason})") from None
         host = str(params.get("host") or params.get("hostaddr") or "localhost")
         port = str(params.get("port") or "5432")
