@@ -158,3 +158,41 @@ def test_every_replica_down_reads_go_to_the_primary(
     assert tally.errors == [] and tally.stale == 0
     with lb.read() as conn:
         assert conn.reason == "no_healthy_replica"
+
+
+def test_recovery_conflict_is_retried_once_elsewhere(
+    healthy_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replica 1 cancels conflicting queries at once; an exclusive lock taken on the
+    # primary then cancels a query reading that table on the replica.
+    healthy_cluster.execute(1, "ALTER SYSTEM SET max_standby_streaming_delay = 0")
+    healthy_cluster.execute(1, "SELECT pg_reload_conf()")
+    healthy_cluster.execute(0, "CREATE TABLE IF NOT EXISTS conflict_t AS SELECT 1 AS x")
+    healthy_cluster.wait_replayed()
+    config = {
+        "databases": {
+            "main": {"primary": healthy_cluster.primary_dsn, "replicas": [healthy_cluster.dsn(1)]}
+        }
+    }
+    victim = label(healthy_cluster, 1)
+
+    def lock_on_primary() -> None:
+        time.sleep(0.5)
+        healthy_cluster.execute(0, "BEGIN; LOCK TABLE conflict_t IN ACCESS EXCLUSIVE MODE; COMMIT")
+
+    try:
+        with pgreplica.LoadBalancer(config=config) as lb, caplog.at_level(logging.WARNING):
+            locker = threading.Thread(target=lock_on_primary)
+            with lb.read() as conn:
+                assert conn.host == victim
+                locker.start()
+                row = conn.execute("SELECT count(*) FROM conflict_t, pg_sleep(2)").fetchone()
+                assert row == (1,)
+                assert not conn.on_replica and conn.reason.startswith("fallback_")
+            locker.join()
+            assert f"db_routing_fallback host={victim}" in caplog.text
+            assert "reason=recovery_conflict" in caplog.text
+            assert state_of(lb, victim) == "up"  # a conflict is not a sick host
+    finally:
+        healthy_cluster.execute(1, "ALTER SYSTEM RESET max_standby_streaming_delay")
+        healthy_cluster.execute(1, "SELECT pg_reload_conf()")
