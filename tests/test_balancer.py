@@ -323,3 +323,15 @@ def test_status_reports_roles_and_lag(lb: pgreplica.LoadBalancer) -> None:
         assert s.replay_lsn is not None
     for s in status[1:]:
         assert s.lag_bytes is not None and s.lag_bytes < 8 * 1024 * 1024
+
+
+def test_each_routed_unit_logs_where_and_why_at_debug(
+    lb: pgreplica.LoadBalancer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="pgreplica.routing"), lb.isolated():
+        with lb.read() as conn:
+            host = conn.host
+        with lb.write():
+            pass
+    assert f"routed_to={host} reason=replica database=main" in caplog.text
+    assert "reason=write database=main" in caplog.text
