@@ -298,7 +298,15 @@ class Prober:
             if conn is None or conn.closed:
                 conn = await asyncio.wait_for(self._connect(host), self.connect_timeout + 0.5)
             future: asyncio.Future[object] = asyncio.ensure_future(_query(conn))
-            done, _ = await asyncio.wait({future}, timeout=self.timeout)
+            future.add_done_callback(_retrieve)
+            try:
+                done, _ = await asyncio.wait({future}, timeout=self.timeout)
+            except asyncio.CancelledError:
+                # Stopping: let the query finish or be cancelled before the connection
+                # is closed under it (bounded: the server may be hung).
+                future.cancel()
+                await asyncio.wait({future}, timeout=1.0)
+                raise
             if not done:
                 # Do not wait for the stuck query to be cancelled: mark down now.
                 future.cancel()
@@ -333,6 +341,12 @@ class Prober:
             application_name=f"{self.application_name}-prober",
             options=f"-c statement_timeout={self.statement_timeout_ms}",
         )
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    """Consume the outcome of a probe query nobody waits for any more."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _query(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> tuple[object, ...]:
