@@ -26,6 +26,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench.overhead
+	$(BIN)/python -m bench.failover
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache

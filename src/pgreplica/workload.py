@@ -78,14 +78,18 @@ def sync_cycles(
     *,
     cycles: int | None = None,
     until: float | None = None,
+    stop: threading.Event | None = None,
     read_kwargs: dict[str, Any] | None = None,
 ) -> Tally:
-    """Run write-then-read cycles for one key in the current thread."""
+    """Run write-then-read cycles for one key in the current thread, until ``cycles``
+    are done, the ``until`` (monotonic) time has passed, or ``stop`` is set."""
     tally = Tally()
     kwargs = read_kwargs or {}
     with lb.isolated():
-        while (cycles is None or tally.cycles < cycles) and (
-            until is None or time.monotonic() < until
+        while (
+            (cycles is None or tally.cycles < cycles)
+            and (until is None or time.monotonic() < until)
+            and (stop is None or not stop.is_set())
         ):
             try:
                 with lb.write() as conn:
@@ -108,12 +112,16 @@ def threaded(
     *,
     cycles: int | None = None,
     until: float | None = None,
+    stop: threading.Event | None = None,
     read_kwargs: dict[str, Any] | None = None,
 ) -> Tally:
+    """:func:`sync_cycles` in one thread per key; the tallies added up."""
     total = Tally()
 
     def work(key: int) -> None:
-        total.add(sync_cycles(lb, key, cycles=cycles, until=until, read_kwargs=read_kwargs))
+        total.add(
+            sync_cycles(lb, key, cycles=cycles, until=until, stop=stop, read_kwargs=read_kwargs)
+        )
 
     threads = [threading.Thread(target=work, args=(k,)) for k in keys]
     for t in threads:
