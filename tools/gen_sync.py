@@ -5,7 +5,8 @@
 
 Rules: ``async``/``await`` disappear, ``Async`` prefixes and asyncio primitives map to
 their sync twins, lines between ``# async-only-begin`` and ``# async-only-end`` are
-dropped, as is a line ending in ``# async-only``, and a comment line ``# sync-only: CODE`` becomes ``CODE``.
+dropped, as is a line ending in ``# async-only``, and a comment line
+``# sync-only: CODE`` becomes ``CODE``.
 """
 
 from __future__ import annotations
