@@ -112,7 +112,8 @@ def test_caught_up_filters_by_token_and_direct_checks_only_raise() -> None:
     probe(second, lsn=2000)
     router.refresh()
     assert list(router.caught_up(route, 1800, None)) == [second]
-    assert router.behind(route, 1800, None) == [first]
+    assert router.behind(route, 1800, set()) == [first]
+    assert router.behind(route, 1800, {first}) == []
     first.note_replay_lsn(1900)
     first.note_replay_lsn(1000)  # an older observation never lowers the cache
     assert first.replay_lsn == 1900

@@ -193,7 +193,13 @@ class AsyncLoadBalancer(BalancerBase):
             await pool.putconn(conn)
 
     def _host_failed(self, host: Host, exc: BaseException) -> None:
-        if host.record_failure(type(exc).__name__, error_reason(exc)):
+        """A request saw ``host`` fail with a connection error."""
+        if host.configured_primary:
+            # Drop the pool's connections (they may predate a restart) but let the
+            # prober decide whether the primary is down: one stale connection must not
+            # turn into failing every write for a backoff period.
+            self._drain(host)
+        elif host.record_failure(type(exc).__name__, error_reason(exc)):
             self._router.refresh()
 
     async def _replay_lsn(self, host: Host, conn: AConn) -> int:
@@ -210,16 +216,19 @@ class AsyncLoadBalancer(BalancerBase):
         need: int,
         max_staleness: float | None,
         max_wait: float,
-        exclude: Host | None,
+        excluded: set[Host],
     ) -> tuple[Host, AConn, str]:
-        """Pick and check out the connection for a read: (host, connection, reason)."""
+        """Pick and check out the connection for a read: (host, connection, reason).
+
+        Each replica is tried at most once per call (``excluded`` grows), so a read
+        never loops over hosts whose pools cannot hand out a connection."""
         router = self._router
         deadline: float | None = None
         delay = _POLL_FIRST
         while True:
             candidates = router.caught_up(route, need, max_staleness)
-            if exclude is not None:
-                candidates = [h for h in candidates if h is not exclude]
+            if excluded:
+                candidates = [h for h in candidates if h not in excluded]
             if candidates:
                 host = candidates[router.next_index(len(candidates))]
                 try:
@@ -228,15 +237,16 @@ class AsyncLoadBalancer(BalancerBase):
                     if isinstance(exc, psycopg.OperationalError):
                         self._host_failed(host, exc)
                     log_fallback(host, exc, "connect_failed")
-                    exclude = host
+                    excluded.add(host)
                     continue
             if need and max_staleness is None:
-                for host in router.behind(route, need, exclude):
+                for host in router.behind(route, need, excluded):
                     try:
                         conn = await self._checkout(host)
                     except CHECKOUT_ERRORS as exc:
                         if isinstance(exc, psycopg.OperationalError):
                             self._host_failed(host, exc)
+                        excluded.add(host)
                         continue
                     try:
                         if await self._replay_lsn(host, conn) >= need:
@@ -244,6 +254,7 @@ class AsyncLoadBalancer(BalancerBase):
                     except psycopg.Error as exc:
                         if is_connection_error(exc):
                             self._host_failed(host, exc)
+                            excluded.add(host)
                     await self._checkin(host, conn)
             if max_wait > 0 and route.read_set:
                 now = time.monotonic()
@@ -330,7 +341,7 @@ class _AsyncReadUnit:
         else:
             self._need = 0 if self._max_staleness is not None else state.token.get(route.name)
             host, conn, reason = await lb._connect_read(
-                route, self._need, self._max_staleness, self._max_wait, None
+                route, self._need, self._max_staleness, self._max_wait, set()
             )
         self._host = host
         self._conn = conn
@@ -380,7 +391,7 @@ class _AsyncReadUnit:
             conn = await lb._primary_for_read(route, reason)
         else:
             new_host, conn, reason = await lb._connect_read(
-                route, self._need, self._max_staleness, 0.0, host
+                route, self._need, self._max_staleness, 0.0, {host}
             )
             reason = f"fallback_{reason}"
         self._host = new_host

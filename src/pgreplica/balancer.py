@@ -171,9 +171,9 @@ class Router:
             return read_set
         return [h for h in read_set if h.replay_lsn >= need]
 
-    def behind(self, route: DatabaseRoute, need: int, exclude: Host | None) -> list[Host]:
+    def behind(self, route: DatabaseRoute, need: int, excluded: set[Host]) -> list[Host]:
         """Usable replicas the cache cannot prove caught up, in round-robin order."""
-        hosts = [h for h in route.read_set if h.replay_lsn < need and h is not exclude]
+        hosts = [h for h in route.read_set if h.replay_lsn < need and h not in excluded]
         if len(hosts) > 1:
             start = self.next_index(len(hosts))
             hosts = hosts[start:] + hosts[:start]
