@@ -196,3 +196,31 @@ def test_recovery_conflict_is_retried_once_elsewhere(
     finally:
         healthy_cluster.execute(1, "ALTER SYSTEM RESET max_standby_streaming_delay")
         healthy_cluster.execute(1, "SELECT pg_reload_conf()")
+
+
+def test_primary_killed_and_restarted(scratch_cluster: LocalCluster) -> None:
+    with pgreplica.LoadBalancer(config=scratch_cluster.config()) as lb:
+        prepare(lb, range(300, 301))
+        primary = label(scratch_cluster, 0)
+        with lb.isolated():
+            for _ in range(3):  # fill the primary's pool
+                with lb.write() as conn:
+                    conn.execute("UPDATE rw_counters SET v = v + 1 WHERE id = 300")
+        scratch_cluster.kill(0)
+        wait_until(lambda: state_of(lb, primary) == "down", what="primary marked down")
+        with lb.isolated():
+            # the breaker is open: refused without a connection attempt
+            with pytest.raises(pgreplica.PrimaryUnavailable, match="fail fast"), lb.write():
+                pass
+            with lb.read() as conn:  # the replica keeps serving reads
+                assert conn.on_replica
+                assert conn.execute("SELECT v FROM rw_counters WHERE id = 300").fetchone()[0] >= 3
+        scratch_cluster.start(0)
+        wait_until(lambda: state_of(lb, primary) == "up", timeout=15, what="primary back")
+        with lb.isolated():
+            # no write fails on a connection left over from before the restart
+            for _ in range(5):
+                with lb.write() as conn:
+                    conn.execute("UPDATE rw_counters SET v = v + 1 WHERE id = 300")
+                with lb.read() as conn:
+                    assert conn.execute("SELECT v FROM rw_counters WHERE id = 300").fetchone()[0]
