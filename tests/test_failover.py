@@ -3,6 +3,7 @@ no stale read is returned, and the host leaves and later rejoins the read set.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 
 import pgreplica
 from pgreplica.testing import LocalCluster
-from pgreplica.workload import Tally, prepare, threaded, wait_until
+from pgreplica.workload import Tally, gathered, prepare, threaded, wait_until
 
 
 def label(cluster: LocalCluster, index: int) -> str:
@@ -224,3 +225,32 @@ def test_primary_killed_and_restarted(scratch_cluster: LocalCluster) -> None:
                     conn.execute("UPDATE rw_counters SET v = v + 1 WHERE id = 300")
                 with lb.read() as conn:
                     assert conn.execute("SELECT v FROM rw_counters WHERE id = 300").fetchone()[0]
+
+
+def test_async_balancer_survives_a_replica_kill(healthy_cluster: LocalCluster) -> None:
+    victim = label(healthy_cluster, 2)
+
+    async def main() -> tuple[Tally, set[str]]:
+        async with pgreplica.AsyncLoadBalancer(config=healthy_cluster.config()) as alb:
+            until = time.monotonic() + 3.0
+            work = asyncio.ensure_future(gathered(alb, range(120, 126), until=until))
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(healthy_cluster.kill, 2)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(healthy_cluster.start, 2)
+            tally = await work
+            deadline = time.monotonic() + 15
+            while any(s.state != "up" for s in alb.status()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            hosts = set()
+            for _ in range(20):
+                async with alb.read(max_staleness=60) as conn:
+                    hosts.add(conn.host)
+            return tally, hosts
+
+    with pgreplica.LoadBalancer(config=healthy_cluster.config()) as lb:
+        prepare(lb, range(120, 126))
+    tally, hosts = asyncio.run(main())
+    assert tally.errors == [] and tally.stale == 0
+    assert tally.cycles > 100
+    assert victim in hosts  # back in the read set
