@@ -1,0 +1,478 @@
+"""Statement classification on PostgreSQL's own grammar (libpg_query, through pglast).
+
+``classify(sql)`` says whether a statement may run on a replica (``target`` is
+``"replica"``) or must run on the primary, and why (``reason``, a short stable word).
+Anything it cannot prove read-only goes to the primary: a statement that does not parse,
+a function whose volatility is unknown, a write hidden in a CTE or a multi-statement
+string.
+
+The parse tree is libpg_query's JSON: walking it is several times faster than building
+Python node objects, and results are cached by statement text, so a parametrised ORM
+statement is parsed once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pglast import parser as pg_parser
+
+from pgreplica._builtins import BUILTIN_FUNCTIONS, VOLATILE_BUILTINS
+
+__all__ = ["Classification", "classify", "function_verdict"]
+
+REPLICA = "replica"
+PRIMARY = "primary"
+
+#: Volatile built-ins that read, or only touch the session, and run on a hot standby.
+SAFE_VOLATILE = frozenset(
+    {
+        "clock_timestamp",
+        "current_query",
+        "gen_random_uuid",
+        "pg_backend_memory_contexts",
+        "pg_blocking_pids",
+        "pg_control_checkpoint",
+        "pg_control_init",
+        "pg_control_recovery",
+        "pg_control_system",
+        "pg_current_logfile",
+        "pg_database_size",
+        "pg_get_backend_memory_contexts",
+        "pg_get_wal_replay_pause_state",
+        "pg_indexes_size",
+        "pg_is_in_recovery",
+        "pg_is_wal_replay_paused",
+        "pg_jit_available",
+        "pg_last_wal_receive_lsn",
+        "pg_last_wal_replay_lsn",
+        "pg_last_xact_replay_timestamp",
+        "pg_lock_status",
+        "pg_notification_queue_usage",
+        "pg_relation_size",
+        "pg_sleep",
+        "pg_sleep_for",
+        "pg_sleep_until",
+        "pg_table_size",
+        "pg_tablespace_size",
+        "pg_total_relation_size",
+        "random",
+        "random_normal",
+        "setseed",
+        "timeofday",
+    }
+)
+SAFE_VOLATILE_PREFIXES = ("pg_stat_get_", "pg_stat_", "pg_ls_")
+
+#: Functions that write, lock or assign a transaction id: primary, with their reason.
+WRITE_FUNCTIONS = {
+    "nextval": "sequence_function",
+    "setval": "sequence_function",
+    "currval": "sequence_function",
+    "lastval": "sequence_function",
+    "txid_current": "transaction_id",
+    "txid_current_if_assigned": "transaction_id",
+    "pg_current_xact_id": "transaction_id",
+    "pg_current_xact_id_if_assigned": "transaction_id",
+    "pg_notify": "notify",
+    "pg_export_snapshot": "transaction_id",
+}
+ADVISORY_PREFIXES = ("pg_advisory_", "pg_try_advisory_")
+
+_WRITE_NODES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_READ_ONLY_UTILITY = {
+    "VariableShowStmt": "show",
+    "ExplainStmt": "explain",
+}
+_SESSION_KINDS = {
+    "PrepareStmt": "prepare",
+    "ExecuteStmt": "execute",
+    "DeallocateStmt": "deallocate",
+    "ListenStmt": "listen",
+    "UnlistenStmt": "listen",
+    "NotifyStmt": "notify",
+    "DiscardStmt": "session_set",
+    "LockStmt": "lock",
+    "CallStmt": "call",
+    "DoStmt": "do",
+    "RefreshMatViewStmt": "maintenance",
+    "VacuumStmt": "maintenance",
+    "CheckPointStmt": "maintenance",
+    "ReindexStmt": "maintenance",
+    "ClusterStmt": "maintenance",
+    "TruncateStmt": "write",
+    "CreateTableAsStmt": "select_into",
+    "DeclareCursorStmt": "cursor",
+    "FetchStmt": "cursor",
+    "ClosePortalStmt": "cursor",
+    "LoadStmt": "session_set",
+}
+_SET_CONFIG = ("set_config", "pg_catalog.set_config")
+_PLACEHOLDER = re.compile(r"%(?:\(([^)]+)\))?([sbt%])")
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Where a statement may run, and why.
+
+    ``kind`` tells a routing connection how the statement affects its state:
+    ``query``, ``begin``, ``commit``, ``rollback``, ``savepoint``, ``set`` (session
+    level), ``set_local``, ``set_transaction``, ``empty``, or the reason for other
+    session statements. ``functions`` lists the functions the statement calls
+    (lower case, schema-qualified when written so); ``unresolved`` those whose
+    volatility the static tables do not know (user functions).
+    """
+
+    target: str
+    reason: str
+    kind: str = "query"
+    functions: tuple[str, ...] = ()
+    unresolved: tuple[str, ...] = ()
+    read_only: bool = False
+    """For ``begin``: the transaction was declared READ ONLY."""
+    base_reason: str = ""
+    """The reason the statement would have if its unresolved functions are read-only."""
+
+    @property
+    def replica(self) -> bool:
+        return self.target == REPLICA
+
+
+EMPTY = Classification(REPLICA, "empty", kind="empty")
+SELECT = Classification(REPLICA, "select")
+_SELECT_PREFIX = '"stmts":[{"stmt":{"SelectStmt":'
+_MARKERS = (
+    '"FuncCall"',
+    '"lockingClause"',
+    '"intoClause"',
+    '"InsertStmt"',
+    '"UpdateStmt"',
+    '"DeleteStmt"',
+    '"MergeStmt"',
+)
+UNPARSABLE = Classification(PRIMARY, "unparsable", kind="query")
+
+
+def classify(sql: str | bytes) -> Classification:
+    """Classify one SQL string (psycopg ``%s`` placeholders are accepted)."""
+    if isinstance(sql, bytes):
+        sql = sql.decode("utf-8", "replace")
+    return _classify_cached(sql)
+
+
+@lru_cache(maxsize=8192)
+def _classify_cached(sql: str) -> Classification:
+    try:
+        text = _parse_json(sql)
+    except Exception:
+        return UNPARSABLE
+    if _plain_select(text):
+        return SELECT
+    tree: dict[str, Any] = json.loads(text)
+    statements = [entry.get("stmt") or {} for entry in tree.get("stmts", ())]
+    if not statements:
+        return EMPTY
+    results = [_statement(stmt) for stmt in statements]
+    if len(results) == 1:
+        return results[0]
+    functions = tuple(dict.fromkeys(f for r in results for f in r.functions))
+    unresolved = tuple(dict.fromkeys(f for r in results for f in r.unresolved))
+    writes = [r for r in results if not r.replica and r.reason != "unknown_function"]
+    if writes:
+        return Classification(PRIMARY, "multi_statement", "multi", functions, unresolved)
+    if unresolved:
+        return Classification(
+            PRIMARY, "unknown_function", "multi", functions, unresolved, base_reason="select"
+        )
+    return Classification(REPLICA, "select", "multi", functions)
+
+
+def _parse_json(sql: str) -> str:
+    # psycopg placeholders become $n first; "%" alone (modulo) is left alone, and a
+    # placeholder-looking text inside a string literal stays a string literal.
+    text: str = pg_parser.parse_sql_json(to_numbered_placeholders(sql) if "%" in sql else sql)
+    return text
+
+
+def _plain_select(text: str) -> bool:
+    """One SELECT whose tree has no function call, locking, INTO or write node.
+
+    Node names appear in the parser's JSON only as keys (string values have their
+    quotes escaped), so absence of a marker is proof. A marker that shows up inside a
+    string constant only sends the statement to the full walk."""
+    return (
+        text.startswith(_SELECT_PREFIX, text.find('"stmts"'))
+        and text.count('{"stmt":') == 1
+        and not any(marker in text for marker in _MARKERS)
+    )
+
+
+def to_numbered_placeholders(sql: str) -> str:
+    """psycopg's ``%s`` / ``%(name)s`` placeholders as ``$n``, and ``%%`` as ``%``."""
+    names: dict[str, int] = {}
+    count = 0
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group(2) == "%":
+            return "%"
+        name = match.group(1)
+        if name is not None:
+            if name not in names:
+                count += 1
+                names[name] = count
+            return f"${names[name]}"
+        count += 1
+        return f"${count}"
+
+    return _PLACEHOLDER.sub(replace, sql)
+
+
+def _statement(stmt: dict[str, Any]) -> Classification:
+    ((node_type, node),) = stmt.items()
+    if node_type == "SelectStmt":
+        return _query(node_type, node, "select")
+    if node_type in _WRITE_NODES:
+        return _with_functions(Classification(PRIMARY, "write"), node)
+    if node_type == "TransactionStmt":
+        return _transaction(node)
+    if node_type == "VariableSetStmt":
+        return _variable_set(node)
+    if node_type == "ExplainStmt":
+        return _explain(node)
+    if node_type == "CopyStmt":
+        if node.get("is_from"):
+            return Classification(PRIMARY, "copy_from")
+        query = node.get("query")
+        if query is None:
+            return Classification(REPLICA, "copy_to")
+        ((inner_type, inner),) = query.items()
+        return _query(inner_type, inner, "copy_to")
+    if node_type == "PrepareStmt":
+        query = node.get("query") or {}
+        ((inner_type, inner),) = query.items()
+        result = _query(inner_type, inner, "prepare")
+        return Classification(
+            result.target,
+            result.reason if not result.replica else "prepare",
+            "prepare",
+            result.functions,
+            result.unresolved,
+            base_reason="prepare",
+        )
+    if node_type == "DeclareCursorStmt":
+        query = node.get("query") or {}
+        ((inner_type, inner),) = query.items()
+        result = _query(inner_type, inner, "cursor")
+        return Classification(
+            result.target,
+            result.reason,
+            "cursor",
+            result.functions,
+            result.unresolved,
+            base_reason="cursor",
+        )
+    if node_type in _READ_ONLY_UTILITY:
+        return Classification(REPLICA, _READ_ONLY_UTILITY[node_type], "query")
+    if node_type in _SESSION_KINDS:
+        kind = _SESSION_KINDS[node_type]
+        return Classification(PRIMARY, kind, kind)
+    return Classification(PRIMARY, "ddl", "ddl")
+
+
+def _query(node_type: str, node: dict[str, Any], read_reason: str) -> Classification:
+    """A query that may be read-only: SELECT (with CTEs, set operations, subqueries)."""
+    if node_type != "SelectStmt":
+        if node_type in _WRITE_NODES:
+            return _with_functions(Classification(PRIMARY, "write"), node)
+        return Classification(PRIMARY, "ddl", "ddl")
+    found = _scan(node)
+    if found.into:
+        return Classification(PRIMARY, "select_into", functions=tuple(found.functions))
+    if found.write:
+        return Classification(PRIMARY, "writable_cte", functions=tuple(found.functions))
+    if found.locking:
+        return Classification(PRIMARY, "locking", functions=tuple(found.functions))
+    return _with_functions(Classification(REPLICA, read_reason), node, found)
+
+
+class _Found:
+    __slots__ = ("functions", "into", "locking", "set_config_session", "write")
+
+    def __init__(self) -> None:
+        self.write = False
+        self.locking = False
+        self.into = False
+        self.set_config_session = False
+        self.functions: list[str] = []
+
+
+def _scan(node: Any) -> _Found:
+    found = _Found()
+    _visit(node, found)
+    return found
+
+
+def _visit(node: Any, found: _Found) -> None:
+    """Depth-first walk of the JSON tree, noting what makes a query unsafe."""
+    if type(node) is dict:
+        for key, value in node.items():
+            if key == "FuncCall":
+                name = _function_name(value)
+                found.functions.append(name)
+                if name in _SET_CONFIG and not _is_local_true(value):
+                    found.set_config_session = True
+            elif key in _WRITE_NODES:
+                found.write = True
+            elif key == "lockingClause":
+                found.locking = found.locking or bool(value)
+            elif key == "intoClause":
+                found.into = True
+            kind = type(value)
+            if kind is dict or kind is list:
+                _visit(value, found)
+    else:
+        for value in node:
+            kind = type(value)
+            if kind is dict or kind is list:
+                _visit(value, found)
+
+
+def _function_name(call: dict[str, Any]) -> str:
+    parts = [p.get("String", {}).get("sval", "") for p in call.get("funcname", ())]
+    return ".".join(parts).lower()
+
+
+def _is_local_true(call: dict[str, Any]) -> bool:
+    args = call.get("args") or []
+    if len(args) != 3:
+        return False
+    const = args[2].get("A_Const") or {}
+    boolval = const.get("boolval")
+    return isinstance(boolval, dict) and boolval.get("boolval") is True
+
+
+def _with_functions(
+    result: Classification, node: dict[str, Any], found: _Found | None = None
+) -> Classification:
+    """Apply what the statement's function calls imply to a classification."""
+    if found is None:
+        found = _scan(node)
+    functions = tuple(dict.fromkeys(found.functions))
+    if not functions:
+        return result
+    if found.set_config_session:
+        return Classification(PRIMARY, "set_config", result.kind, functions)
+    unresolved = []
+    for name in functions:
+        if name in _SET_CONFIG:
+            continue  # session-level calls were handled above; local ones are read-safe
+        verdict = function_verdict(name)
+        if verdict is None:
+            unresolved.append(name)
+        elif verdict != "read" and result.replica:
+            return Classification(PRIMARY, verdict, result.kind, functions)
+    if not result.replica:
+        return Classification(result.target, result.reason, result.kind, functions)
+    if unresolved:
+        return Classification(
+            PRIMARY,
+            "unknown_function",
+            result.kind,
+            functions,
+            tuple(unresolved),
+            base_reason=result.reason,
+        )
+    return Classification(result.target, result.reason, result.kind, functions)
+
+
+def function_verdict(name: str) -> str | None:
+    """``"read"`` for a function safe on a replica, a reason word for one that is not,
+    or None when only the catalog can tell (not a built-in)."""
+    schema, _, bare = name.rpartition(".")
+    if schema not in ("", "pg_catalog"):
+        return None
+    if bare in WRITE_FUNCTIONS:
+        return WRITE_FUNCTIONS[bare]
+    if bare.startswith(ADVISORY_PREFIXES):
+        return "advisory_lock"
+    if bare not in BUILTIN_FUNCTIONS:
+        return None
+    if bare not in VOLATILE_BUILTINS or bare in SAFE_VOLATILE:
+        return "read"
+    if bare.startswith(SAFE_VOLATILE_PREFIXES):
+        return "read"
+    return "volatile_function"
+
+
+def _transaction(node: dict[str, Any]) -> Classification:
+    kind = node.get("kind", "")
+    if kind in ("TRANS_STMT_BEGIN", "TRANS_STMT_START"):
+        read_only = _read_only_option(node.get("options") or [])
+        return Classification(PRIMARY, "transaction_control", "begin", read_only=read_only)
+    mapping = {
+        "TRANS_STMT_COMMIT": "commit",
+        "TRANS_STMT_ROLLBACK": "rollback",
+        "TRANS_STMT_SAVEPOINT": "savepoint",
+        "TRANS_STMT_RELEASE": "savepoint",
+        "TRANS_STMT_ROLLBACK_TO": "savepoint",
+    }
+    return Classification(PRIMARY, "transaction_control", mapping.get(kind, "two_phase"))
+
+
+def _read_only_option(options: list[dict[str, Any]]) -> bool:
+    for option in options:
+        elem = option.get("DefElem") or {}
+        if elem.get("defname") == "transaction_read_only":
+            value = ((elem.get("arg") or {}).get("A_Const") or {}).get("ival") or {}
+            return bool(value.get("ival"))
+    return False
+
+
+def _variable_set(node: dict[str, Any]) -> Classification:
+    name = str(node.get("name", "")).lower()
+    if node.get("kind") == "VAR_SET_MULTI" and name == "transaction":
+        read_only = _read_only_option(node.get("args") or [])
+        return Classification(
+            PRIMARY, "transaction_control", "set_transaction", read_only=read_only
+        )
+    if node.get("is_local"):
+        return Classification(REPLICA, "set_local", "set_local")
+    return Classification(PRIMARY, "session_set", "set")
+
+
+def _explain(node: dict[str, Any]) -> Classification:
+    options = node.get("options") or []
+    analyze = False
+    for option in options:
+        elem = option.get("DefElem") or {}
+        if elem.get("defname") == "analyze":
+            arg = elem.get("arg")
+            analyze = arg is None or _truthy(arg)
+    query = node.get("query") or {}
+    ((inner_type, inner),) = query.items()
+    inner_result = _statement({inner_type: inner})
+    if analyze and not inner_result.replica:
+        return Classification(
+            PRIMARY,
+            "explain_analyze_write"
+            if inner_result.reason != "unknown_function"
+            else "unknown_function",
+            "query",
+            inner_result.functions,
+            inner_result.unresolved,
+            base_reason="explain",
+        )
+    return Classification(REPLICA, "explain", "query")
+
+
+def _truthy(arg: dict[str, Any]) -> bool:
+    const = arg.get("A_Const") or {}
+    if "boolval" in const:
+        return bool((const["boolval"] or {}).get("boolval"))
+    text = str(((const.get("sval") or {}).get("sval")) or arg.get("String", {}).get("sval", "on"))
+    return text.lower() in ("on", "true", "1", "yes")
