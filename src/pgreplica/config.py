@@ -131,6 +131,10 @@ class Settings:
     pool_min_size: int = 1
     pool_max_size: int = 10
     application_name: str = "pgreplica"
+    read_only_functions: tuple[str, ...] = ()
+    """Functions that may run on a replica whatever their declared volatility."""
+    write_functions: tuple[str, ...] = ()
+    """Functions whose calls always go to the primary."""
 
     def __post_init__(self) -> None:
         if not self.databases:
@@ -288,6 +292,8 @@ def _coerce(key: str, value: Any, *, setting: str | None = None) -> Any:
     """Turn TOML or environment values into the setting's type ("100ms", "8MiB", "false")."""
     setting = setting or key
     default = _DEFAULTS[key]
+    if isinstance(default, tuple):
+        return _function_names(setting, value)
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -311,6 +317,18 @@ def _coerce(key: str, value: Any, *, setting: str | None = None) -> Any:
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(setting, f"expected text, got {type(value).__name__}")
     return value
+
+
+def _function_names(setting: str, value: Any) -> tuple[str, ...]:
+    """A list of function names (or one comma-separated string, from the environment)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(setting, "expected a list of function names")
+    names = tuple(i.strip().lower() for i in items if i.strip())
+    for name in names:
+        if not re.fullmatch(r"[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)?", name):
+            raise ConfigError(setting, f"not a function name: {name!r}")
+    return names
 
 
 def _parse_duration(setting: str, text: str) -> float:

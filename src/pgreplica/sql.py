@@ -23,7 +23,7 @@ from pglast import parser as pg_parser
 
 from pgreplica._builtins import BUILTIN_FUNCTIONS, VOLATILE_BUILTINS
 
-__all__ = ["Classification", "classify", "function_verdict"]
+__all__ = ["Classification", "classify", "function_verdict", "resolve_functions"]
 
 REPLICA = "replica"
 PRIMARY = "primary"
@@ -375,7 +375,9 @@ def _with_functions(
         if verdict is None:
             unresolved.append(name)
         elif verdict != "read" and result.replica:
-            return Classification(PRIMARY, verdict, result.kind, functions)
+            return Classification(
+                PRIMARY, verdict, result.kind, functions, base_reason=result.reason
+            )
     if not result.replica:
         return Classification(result.target, result.reason, result.kind, functions)
     if unresolved:
@@ -476,3 +478,66 @@ def _truthy(arg: dict[str, Any]) -> bool:
         return bool((const["boolval"] or {}).get("boolval"))
     text = str(((const.get("sval") or {}).get("sval")) or arg.get("String", {}).get("sval", "on"))
     return text.lower() in ("on", "true", "1", "yes")
+
+
+#: Reasons that come only from the functions a statement calls.
+FUNCTION_REASONS = frozenset(
+    {
+        "volatile_function",
+        "unknown_function",
+        "sequence_function",
+        "advisory_lock",
+        "transaction_id",
+        "notify",
+    }
+)
+
+
+def resolve_functions(
+    result: Classification,
+    catalog: dict[str, str],
+    read_only: frozenset[str] = frozenset(),
+    write: frozenset[str] = frozenset(),
+) -> Classification | list[str]:
+    """Refine a static classification with the database's catalog and the configured
+    function lists.
+
+    ``catalog`` maps a function name as written to its worst ``provolatile``
+    (``v``, ``s``, ``i``) or ``""`` when no such function exists. Returns the refined
+    classification, or the names the catalog must be asked about first.
+    """
+    if not result.functions:
+        return result
+    for name in result.functions:
+        if name in write or name.rpartition(".")[2] in write:
+            return Classification(PRIMARY, "write_function", result.kind, result.functions)
+    if result.replica or result.reason not in FUNCTION_REASONS or not result.base_reason:
+        return result
+    missing = []
+    verdicts = []
+    for name in result.functions:
+        if name in _SET_CONFIG:
+            continue
+        verdict = function_verdict(name)
+        listed = name in read_only or name.rpartition(".")[2] in read_only
+        if listed and verdict in (None, "volatile_function"):
+            continue  # declared read-only by configuration (never a sequence or lock)
+        if verdict is None:
+            volatility = catalog.get(name)
+            if volatility is None:
+                missing.append(name)
+                continue
+            verdict = (
+                "read"
+                if volatility in ("s", "i")
+                else ("volatile_function" if volatility == "v" else "unknown_function")
+            )
+        verdicts.append(verdict)
+    if missing:
+        return missing
+    for verdict in verdicts:
+        if verdict != "read":
+            return Classification(
+                PRIMARY, verdict, result.kind, result.functions, base_reason=result.base_reason
+            )
+    return Classification(REPLICA, result.base_reason, result.kind, result.functions)
