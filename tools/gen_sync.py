@@ -18,11 +18,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "src" / "pgreplica" / "_balancer_async.py"
-TARGET = ROOT / "src" / "pgreplica" / "_balancer_sync.py"
+PACKAGE = ROOT / "src" / "pgreplica"
+#: asyncio source -> generated sync module
+FILES = {
+    PACKAGE / "_balancer_async.py": PACKAGE / "_balancer_sync.py",
+    PACKAGE / "_routing_async.py": PACKAGE / "_routing_sync.py",
+}
 
-HEADER = '''"""The sync load balancer: GENERATED from ``_balancer_async.py`` by
-``tools/gen_sync.py``. Do not edit; edit the asyncio file and regenerate."""
+HEADER = '''"""GENERATED from ``{source}`` by ``tools/gen_sync.py``: the sync twin of
+the asyncio code. Do not edit; edit the asyncio file and regenerate."""
 '''
 
 _SYNC_ONLY = re.compile(r"^(\s*)# sync-only: ?(.*)$")
@@ -42,10 +46,12 @@ _REPLACEMENTS: list[tuple[str, str]] = [
     (r"\basyncio\.sleep\(", "time.sleep("),
     (r"^import asyncio$", "import threading"),
     (r"\(asyncio\)", "(threads)"),
+    (r"_routing_async", "_routing_sync"),
+    (r"_balancer_async", "_balancer_sync"),
 ]
 
 
-def convert(text: str) -> str:
+def convert(text: str, source: str) -> str:
     body = text.split('"""', 2)[2].lstrip("\n")  # drop the module docstring
     out: list[str] = []
     skipping = False
@@ -62,13 +68,13 @@ def convert(text: str) -> str:
         for pattern, repl in _REPLACEMENTS:
             line = re.sub(pattern, repl, line, flags=re.MULTILINE)
         out.append(line)
-    return HEADER + "\n" + "\n".join(out) + "\n"
+    return HEADER.format(source=source) + "\n" + "\n".join(out) + "\n"
 
 
-def formatted(text: str) -> str:
+def formatted(text: str, target: Path) -> str:
     ruff = Path(sys.executable).parent / "ruff"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / TARGET.name
+        path = Path(tmp) / target.name
         path.write_text(text)
         config = ["--config", str(ROOT / "pyproject.toml")]
         subprocess.run(
@@ -80,14 +86,17 @@ def formatted(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    result = formatted(convert(SOURCE.read_text()))
-    if "--check" in argv:
-        if not TARGET.exists() or TARGET.read_text() != result:
-            print(f"{TARGET.relative_to(ROOT)} is out of date: run python tools/gen_sync.py")
-            return 1
-        return 0
-    TARGET.write_text(result)
-    return 0
+    stale = []
+    for source, target in FILES.items():
+        result = formatted(convert(source.read_text(), source.name), target)
+        if "--check" in argv:
+            if not target.exists() or target.read_text() != result:
+                stale.append(target)
+        else:
+            target.write_text(result)
+    for target in stale:
+        print(f"{target.relative_to(ROOT)} is out of date: run python tools/gen_sync.py")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pgreplica._balancer_async import AsyncLoadBalancer, AsyncReadConnection, AsyncReadCursor
 from pgreplica._balancer_sync import LoadBalancer, ReadConnection, ReadCursor
+from pgreplica._routing_async import AsyncRoutingConnection, AsyncRoutingCursor
+from pgreplica._routing_sync import RoutingConnection, RoutingCursor
 from pgreplica.config import DatabaseConfig, Dsn, Settings
 from pgreplica.errors import (
     ConfigError,
@@ -23,6 +25,7 @@ from pgreplica.errors import (
 )
 from pgreplica.health import HostStatus
 from pgreplica.lsn import CausalToken, format_lsn, parse_lsn
+from pgreplica.sql import Classification, classify
 
 __version__ = "0.1.0"
 
@@ -30,7 +33,10 @@ __all__ = [
     "AsyncLoadBalancer",
     "AsyncReadConnection",
     "AsyncReadCursor",
+    "AsyncRoutingConnection",
+    "AsyncRoutingCursor",
     "CausalToken",
+    "Classification",
     "ConfigError",
     "DatabaseConfig",
     "Dsn",
@@ -41,10 +47,13 @@ __all__ = [
     "PrimaryUnavailable",
     "ReadConnection",
     "ReadCursor",
+    "RoutingConnection",
+    "RoutingCursor",
     "RoutingError",
     "Settings",
     "TokenError",
     "__version__",
+    "classify",
     "format_lsn",
     "parse_lsn",
 ]

@@ -1,5 +1,5 @@
-"""The sync load balancer: GENERATED from ``_balancer_async.py`` by
-``tools/gen_sync.py``. Do not edit; edit the asyncio file and regenerate."""
+"""GENERATED from ``_balancer_async.py`` by ``tools/gen_sync.py``: the sync twin of
+the asyncio code. Do not edit; edit the asyncio file and regenerate."""
 
 from __future__ import annotations
 
@@ -16,30 +16,36 @@ from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
+from pgreplica._routing_sync import RoutingConnection
 from pgreplica.balancer import (
     CHECK_SQL,
     CHECKOUT_ERRORS,
     COMMIT_SQL,
+    FUNCTIONS_SQL,
     LSN_SQL,
     BalancerBase,
     DatabaseRoute,
     build_settings,
+    function_volatility,
     is_connection_error,
     is_recovery_conflict,
     log_fallback,
     log_routed,
+    query_text,
 )
 from pgreplica.config import Settings
 from pgreplica.context import current_state, record_write
 from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, ProberThread, error_reason
 from pgreplica.lsn import CausalToken, parse_lsn
+from pgreplica.sql import Classification, classify, resolve_functions
 
 __all__ = ["LoadBalancer", "ReadConnection", "ReadCursor"]
 
 AConn = Connection[Any]
 _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
+_CLASSIFIED_MAX = 8192
 
 
 class LoadBalancer(BalancerBase):
@@ -148,6 +154,68 @@ class LoadBalancer(BalancerBase):
     def write(self, database: str | None = None) -> _WriteUnit:
         """A connection to the primary in a transaction; the commit advances the token."""
         return _WriteUnit(self, database)
+
+    def connection(self, database: str | None = None) -> RoutingConnection:
+        """A psycopg-compatible connection that routes every statement (see
+        ``docs/routing-connection.md``): reads to caught-up replicas, writes and
+        transactions to the primary, read-only transactions to a replica."""
+        return RoutingConnection(self, database)
+
+    def classify(self, sql: Any, database: str | None = None) -> Classification:
+        """Like :func:`pgreplica.sql.classify`, refined with this database's catalog
+        (``pg_proc.provolatile`` of the user functions a statement calls, looked up once
+        and cached) and the ``read_only_functions`` / ``write_functions`` settings."""
+        route = self._router.route(database)
+        text = query_text(sql)
+        cached = route.classified.get(text)
+        if cached is not None:
+            return cached
+        static = classify(text)
+        if not static.functions:
+            return static
+        settings = self.settings
+        read_only = frozenset(settings.read_only_functions)
+        write = frozenset(settings.write_functions)
+        result = resolve_functions(static, route.functions, read_only, write)
+        if isinstance(result, list):
+            self._load_functions(route, result)
+            result = resolve_functions(static, route.functions, read_only, write)
+            assert isinstance(result, Classification)
+        if len(route.classified) >= _CLASSIFIED_MAX:
+            route.classified.clear()
+        route.classified[text] = result
+        return result
+
+    def refresh_functions(self, database: str | None = None) -> None:
+        """Forget cached function volatility (after ``CREATE OR REPLACE FUNCTION``)."""
+        route = self._router.route(database)
+        route.functions.clear()
+        route.classified.clear()
+
+    def _load_functions(self, route: DatabaseRoute, names: list[str]) -> None:
+        hosts = [route.primary, *route.read_set]
+        last_error: BaseException | None = None
+        for host in hosts:
+            try:
+                conn = self._checkout(host)
+            except CHECKOUT_ERRORS as exc:
+                last_error = exc
+                continue
+            try:
+                cur = conn.execute(FUNCTIONS_SQL, ([n.rpartition(".")[2] for n in names],))
+                rows = cur.fetchall()
+            except psycopg.Error as exc:
+                last_error = exc
+                continue
+            finally:
+                self._checkin(host, conn)
+            route.functions.update(function_volatility(names, rows))
+            return
+        raise HostUnavailable(
+            f"cannot read the catalog of {route.name!r} to classify a statement"
+            f" ({error_reason(last_error) if last_error else 'no host'})",
+            reason="catalog_unavailable",
+        )
 
     # -- internals shared by the units -----------------------------------------------
 

@@ -25,6 +25,7 @@ from pgreplica.context import Scope, current_state, isolated
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
 from pgreplica.lsn import CausalToken
+from pgreplica.sql import Classification
 
 __all__ = ["BalancerBase", "Router"]
 
@@ -36,6 +37,12 @@ CHECK_SQL = "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
 #: Commit and read the WAL insert position in one round trip.
 COMMIT_SQL = "COMMIT; SELECT pg_current_wal_insert_lsn()::text"
 LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+
+FUNCTIONS_SQL = """\
+SELECT p.proname, n.nspname, p.provolatile::text
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname = ANY(%s)"""
+_VOLATILITY_ORDER = {"i": 0, "s": 1, "v": 2}
 
 _CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 
@@ -62,7 +69,15 @@ def is_recovery_conflict(exc: BaseException) -> bool:
 class DatabaseRoute:
     """Routing data of one logical database."""
 
-    __slots__ = ("name", "primary", "read_set", "replicas", "shares_primary_with")
+    __slots__ = (
+        "classified",
+        "functions",
+        "name",
+        "primary",
+        "read_set",
+        "replicas",
+        "shares_primary_with",
+    )
 
     def __init__(self, name: str, primary: Host, replicas: tuple[Host, ...]) -> None:
         self.name = name
@@ -70,6 +85,10 @@ class DatabaseRoute:
         self.replicas = replicas
         self.read_set: tuple[Host, ...] = ()
         self.shares_primary_with: tuple[str, ...] = (name,)
+        self.functions: dict[str, str] = {}
+        """Catalog volatility of the non-built-in functions seen so far."""
+        self.classified: dict[str, Classification] = {}
+        """Catalog-aware classifications by statement text (bounded)."""
 
 
 class Router:
@@ -242,6 +261,11 @@ class BalancerBase:
         """Everything inside goes to the primary."""
         return Scope(use_primary=True)
 
+    def read_only(self) -> Scope:
+        """Transactions a routing connection starts inside are read-only, so they may
+        be pinned to a caught-up replica."""
+        return Scope(read_only=True)
+
     def causal(self, token: CausalToken | str) -> Scope:
         """Reads inside see at least ``token`` (from a cookie, a job or a message)."""
         if isinstance(token, str):
@@ -294,3 +318,34 @@ def log_routed(host: Host, reason: str, database: str) -> None:
 
 #: What checking out a connection can raise; only OperationalError says the host is sick.
 CHECKOUT_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, psycopg.OperationalError)
+
+
+def function_volatility(names: Sequence[str], rows: Sequence[Any]) -> dict[str, str]:
+    """The worst volatility of each requested function name ("" if none exists).
+
+    An unqualified name counts every schema's overloads, a qualified one only its own:
+    when in doubt the answer is the more volatile one, which routes to the primary."""
+    result: dict[str, str] = {}
+    for name in names:
+        schema, _, bare = name.rpartition(".")
+        worst = ""
+        for proname, nspname, volatility in rows:
+            if proname.lower() != bare or (schema and nspname.lower() != schema):
+                continue
+            if not worst or _VOLATILITY_ORDER.get(volatility, 2) > _VOLATILITY_ORDER[worst]:
+                worst = volatility if volatility in _VOLATILITY_ORDER else "v"
+        result[name] = worst
+    return result
+
+
+def query_text(query: Any) -> str:
+    """The SQL text of what psycopg accepts as a query (str, bytes, sql.Composable)."""
+    if isinstance(query, str):
+        return query
+    if isinstance(query, (bytes, bytearray, memoryview)):
+        return bytes(query).decode("utf-8", "replace")
+    as_string = getattr(query, "as_string", None)
+    if as_string is not None:
+        text: str = as_string(None)
+        return text
+    raise TypeError(f"a query must be a string or a psycopg.sql object, got {type(query).__name__}")

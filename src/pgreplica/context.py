@@ -21,7 +21,7 @@ __all__ = ["RouteState", "Scope", "current_state", "record_write"]
 class RouteState:
     """Immutable routing state of one context."""
 
-    __slots__ = ("token", "use_primary", "written")
+    __slots__ = ("read_only", "token", "use_primary", "written")
 
     token: CausalToken
     """The positions reads must see: adopted tokens merged with this context's writes."""
@@ -29,16 +29,26 @@ class RouteState:
     """The positions of this context's own writes."""
     use_primary: bool
     """Everything goes to the primary (``lb.primary()``)."""
+    read_only: bool
+    """Transactions started by a routing connection are read-only and may be pinned to
+    a caught-up replica (``lb.read_only()``)."""
 
-    def __init__(self, token: CausalToken, written: CausalToken, use_primary: bool) -> None:
+    def __init__(
+        self,
+        token: CausalToken,
+        written: CausalToken,
+        use_primary: bool,
+        read_only: bool = False,
+    ) -> None:
         self.token = token
         self.written = written
         self.use_primary = use_primary
+        self.read_only = read_only
 
     def __repr__(self) -> str:
         return (
             f"RouteState(token={str(self.token)!r}, written={str(self.written)!r}, "
-            f"use_primary={self.use_primary})"
+            f"use_primary={self.use_primary}, read_only={self.read_only})"
         )
 
 
@@ -51,25 +61,31 @@ current_state = _STATE.get
 def record_write(positions: CausalToken) -> None:
     """The current context committed a write: its reads must now see ``positions``."""
     state = _STATE.get()
-    _STATE.set(RouteState(state.token | positions, state.written | positions, state.use_primary))
+    _STATE.set(
+        RouteState(
+            state.token | positions, state.written | positions, state.use_primary, state.read_only
+        )
+    )
 
 
 class Scope:
     """A context manager (``with`` or ``async with``) that changes routing state."""
 
-    __slots__ = ("_adopt", "_isolate", "_saved", "_use_primary")
+    __slots__ = ("_adopt", "_isolate", "_read_only", "_saved", "_use_primary")
 
     def __init__(
         self,
         *,
         adopt: CausalToken | None = None,
         use_primary: bool | None = None,
+        read_only: bool | None = None,
         isolate: bool = False,
     ) -> None:
         if adopt is not None and not isinstance(adopt, CausalToken):
             raise TypeError(f"expected a CausalToken, got {type(adopt).__name__}")
         self._adopt = adopt
         self._use_primary = use_primary
+        self._read_only = read_only
         self._isolate = isolate
         self._saved: list[RouteState] = []
 
@@ -80,7 +96,8 @@ class Scope:
             state = INITIAL_STATE
         token = state.token | self._adopt if self._adopt is not None else state.token
         use_primary = state.use_primary if self._use_primary is None else self._use_primary
-        new = RouteState(token, state.written, use_primary)
+        read_only = state.read_only if self._read_only is None else self._read_only
+        new = RouteState(token, state.written, use_primary, read_only)
         _STATE.set(new)
         return new
 
@@ -95,7 +112,11 @@ class Scope:
             _STATE.set(saved)
             return
         written = _STATE.get().written
-        _STATE.set(RouteState(saved.token | written, saved.written | written, saved.use_primary))
+        _STATE.set(
+            RouteState(
+                saved.token | written, saved.written | written, saved.use_primary, saved.read_only
+            )
+        )
 
     async def __aenter__(self) -> RouteState:
         return self.__enter__()

@@ -1,0 +1,600 @@
+"""GENERATED from ``_routing_async.py`` by ``tools/gen_sync.py``: the sync twin of
+the asyncio code. Do not edit; edit the asyncio file and regenerate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import Connection, Cursor
+from psycopg.pq import TransactionStatus
+
+from pgreplica.balancer import (
+    COMMIT_SQL,
+    LSN_SQL,
+    is_connection_error,
+    log_fallback,
+    log_routed,
+    query_text,
+)
+from pgreplica.context import current_state, record_write
+from pgreplica.errors import PgReplicaError
+from pgreplica.health import Host
+from pgreplica.lsn import CausalToken, parse_lsn
+from pgreplica.sql import Classification
+
+if TYPE_CHECKING:
+    from pgreplica._balancer_sync import LoadBalancer
+
+__all__ = ["RoutingConnection", "RoutingCursor"]
+
+AConn = Connection[Any]
+
+#: Statements on the primary that cannot have written anything.
+_NO_WRITE_REASONS = frozenset(
+    {
+        "transaction_control",
+        "session_set",
+        "set_local",
+        "show",
+        "listen",
+        "prepare",
+        "deallocate",
+        "cursor",
+        "empty",
+        "explain",
+        "select",
+        "copy_to",
+    }
+)
+_SESSION_KINDS = frozenset({"set", "session_set"})
+_IDLE = TransactionStatus.IDLE
+
+
+class RoutingConnection:
+    """Routes each statement to the primary or a replica; see the module docstring.
+
+    Use it like :class:`psycopg.Connection`: ``execute``, ``cursor``,
+    ``transaction()``, ``pipeline()``, ``commit``, ``rollback``, ``autocommit``
+    (default False, as in psycopg), and ``async with``.
+    """
+
+    def __init__(self, lb: LoadBalancer, database: str | None) -> None:
+        self._lb = lb
+        self._route = lb._router.route(database)
+        self._conns: dict[Host, AConn] = {}
+        self._dirty: set[Host] = set()  # hosts whose connection has session state
+        self._pinned: Host | None = None
+        self._pin_depth = 0  # open transaction() / pipeline() blocks
+        self._wrote = False  # the pinned transaction wrote on the primary
+        self._session: list[str] = []
+        self._autocommit = False
+        self._read_only: bool | None = None
+        self._isolation_level: Any = None
+        self._deferrable: bool | None = None
+        self._closed = False
+        self.host: str | None = None
+        """``host:port/dbname`` of the server that ran the last statement."""
+        self.reason: str | None = None
+        """Why the last statement went where it did."""
+
+    def __repr__(self) -> str:
+        pinned = f" pinned to {self._pinned.label}" if self._pinned else ""
+        return f"<{type(self).__name__} {self._route.name}{pinned}>"
+
+    # -- psycopg connection attributes ----------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def autocommit(self) -> bool:
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        self.set_autocommit(value)
+
+    def set_autocommit(self, value: bool) -> None:
+        self._check_no_transaction("autocommit")
+        self._autocommit = bool(value)
+        for conn in self._conns.values():
+            conn.set_autocommit(self._autocommit)
+
+    @property
+    def read_only(self) -> bool | None:
+        return self._read_only
+
+    @read_only.setter
+    def read_only(self, value: bool | None) -> None:
+        self.set_read_only(value)
+
+    def set_read_only(self, value: bool | None) -> None:
+        self._check_no_transaction("read_only")
+        self._read_only = value
+        for conn in self._conns.values():
+            conn.set_read_only(value)
+
+    @property
+    def isolation_level(self) -> Any:
+        return self._isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: Any) -> None:
+        self.set_isolation_level(value)
+
+    def set_isolation_level(self, value: Any) -> None:
+        self._check_no_transaction("isolation_level")
+        self._isolation_level = value
+        for conn in self._conns.values():
+            conn.set_isolation_level(value)
+
+    @property
+    def deferrable(self) -> bool | None:
+        return self._deferrable
+
+    @deferrable.setter
+    def deferrable(self, value: bool | None) -> None:
+        self.set_deferrable(value)
+
+    def set_deferrable(self, value: bool | None) -> None:
+        self._check_no_transaction("deferrable")
+        self._deferrable = value
+        for conn in self._conns.values():
+            conn.set_deferrable(value)
+
+    def _check_no_transaction(self, what: str) -> None:
+        if self._pinned is not None:
+            raise psycopg.ProgrammingError(
+                f"can't change '{what}' now: connection in transaction status INTRANS"
+            )
+
+    # -- statements ---------------------------------------------------------------------
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool = False,
+    ) -> Cursor[Any]:
+        cur = self.cursor()
+        cur.execute(query, params, prepare=prepare, binary=binary)
+        return cur._raw_cursor()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> RoutingCursor:
+        """A cursor whose statements are routed like the connection's. A named
+        (server-side) cursor is bound to the host of its DECLARE."""
+        if self._closed:
+            raise psycopg.OperationalError("the connection is closed")
+        return RoutingCursor(self, args, kwargs)
+
+    def commit(self) -> None:
+        host = self._pinned
+        if host is None:
+            return
+        conn = self._conns[host]
+        if self._wrote and host is self._route.primary and not self._pin_depth:
+            # One round trip: commit, then read the WAL position past the commit record.
+            cur = conn.execute(COMMIT_SQL)
+            cur.nextset()
+            self._record(cur.fetchone())
+            self._pinned, self._wrote = None, False
+            return
+        conn.commit()
+        self._transaction_ended(host, committed=True)
+
+    def rollback(self) -> None:
+        host = self._pinned
+        if host is None:
+            return
+        conn = self._conns[host]
+        conn.rollback()
+        self._transaction_ended(host, committed=False)
+
+    @contextmanager
+    def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> Iterator[Any]:
+        """A transaction block pinned to one host (the primary unless read-only)."""
+        host = self._pinned or self._begin_host()
+        conn = self._conn_for(host)
+        self._pinned = host
+        self._pin_depth += 1
+        try:
+            with conn.transaction(savepoint_name, force_rollback) as tx:
+                yield tx
+        finally:
+            self._pin_depth -= 1
+            self._after_statement(host, conn, None)
+
+    @contextmanager
+    def pipeline(self) -> Iterator[Any]:
+        """A psycopg pipeline on one host (the primary unless read-only)."""
+        host = self._pinned or self._begin_host()
+        conn = self._conn_for(host)
+        self._pinned = host
+        self._pin_depth += 1
+        try:
+            with conn.pipeline() as pipeline:
+                yield pipeline
+        finally:
+            self._pin_depth -= 1
+            self._after_statement(host, conn, None)
+
+    def close(self) -> None:
+        """Give every server connection back to its pool (rolling back an open
+        transaction and discarding session state first)."""
+        if self._closed:
+            return
+        self._closed = True
+        conns, self._conns = self._conns, {}
+        for host, conn in conns.items():
+            try:
+                if not conn.closed:
+                    if conn.info.transaction_status != _IDLE:
+                        conn.rollback()
+                    if host in self._dirty:
+                        conn.set_autocommit(True)
+                        conn.execute("DISCARD ALL")
+                    _reset_characteristics(conn)
+            except psycopg.Error:
+                conn.close()
+            self._lb._checkin(host, conn)
+        self._pinned = None
+
+    def __enter__(self) -> RoutingConnection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if not self._closed:
+                if exc is None:
+                    self.commit()
+                else:
+                    self.rollback()
+        finally:
+            self.close()
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _run(self, query: Any, run: Any, *, server_cursor: bool = False) -> tuple[Host, AConn]:
+        """Classify ``query``, pick its host, and ``run(conn)`` there, retrying
+        once elsewhere where that is safe. Returns the host and connection used."""
+        c = self._lb.classify(query, self._route.name)
+        host, reason = self._choose(c, server_cursor)
+        conn = self._conn_for(host)
+        if c.kind in _SESSION_KINDS and self._pinned is None:
+            return self._run_session(query_text(query), c, host, conn, run)
+        try:
+            run(conn)
+        except psycopg.Error as exc:
+            try:
+                host, conn, reason = self._recover(exc, host, run)
+            except BaseException:
+                self._pin_if_in_transaction(host)
+                raise
+        self.host, self.reason = host.label, reason
+        log_routed(host, reason, self._route.name)
+        self._after_statement(host, conn, c)
+        return host, conn
+
+    def _pin_if_in_transaction(self, host: Host) -> None:
+        """A failed statement may leave its connection in a (failed) transaction: keep
+        the connection pinned until the caller rolls back."""
+        conn = self._conns.get(host)
+        if conn is not None and not conn.closed and conn.info.transaction_status != _IDLE:
+            self._pinned = host
+
+    def _choose(self, c: Classification, server_cursor: bool) -> tuple[Host, str]:
+        if self._pinned is not None:
+            return self._pinned, "pinned"
+        route = self._route
+        state = current_state()
+        starts_transaction = c.kind == "begin" or not self._autocommit or server_cursor
+        if starts_transaction:
+            if c.kind == "begin":
+                read_only = c.read_only
+            else:
+                read_only = (self._read_only is True or state.read_only) and c.replica
+            if read_only and not state.use_primary:
+                replica = self._caught_up_replica(state.token.get(route.name))
+                if replica is not None:
+                    return replica, "read_only_transaction"
+            return route.primary, "transaction"
+        if not c.replica:
+            return route.primary, c.reason
+        if state.use_primary:
+            return route.primary, "primary_scope"
+        replica = self._caught_up_replica(state.token.get(route.name))
+        if replica is not None:
+            return replica, "replica"
+        return route.primary, "replicas_behind" if route.read_set else "no_healthy_replica"
+
+    def _begin_host(self) -> Host:
+        """The host for a transaction started by transaction() or pipeline()."""
+        state = current_state()
+        if (self._read_only is True or state.read_only) and not state.use_primary:
+            replica = self._caught_up_replica(state.token.get(self._route.name))
+            if replica is not None:
+                return replica
+        return self._route.primary
+
+    def _caught_up_replica(self, need: int) -> Host | None:
+        """A replica proven to have replayed ``need``: by the cache, preferring one this
+        connection already holds, else by asking held or pooled replicas directly."""
+        router = self._lb._router
+        route = self._route
+        candidates = router.caught_up(route, need, None)
+        if candidates:
+            for host in candidates:
+                if host in self._conns:
+                    return host
+            return candidates[router.next_index(len(candidates))]
+        if not need:
+            return None
+        for host in router.behind(route, need, set()):
+            try:
+                conn = self._conn_for(host)
+                if self._lb._replay_lsn(host, conn) >= need:
+                    return host
+            except psycopg.Error as exc:
+                if is_connection_error(exc):
+                    self._drop(host, exc)
+        return None
+
+    def _conn_for(self, host: Host) -> AConn:
+        conn = self._conns.get(host)
+        if conn is not None and not conn.closed:
+            return conn
+        conn = self._lb._checkout(host)
+        try:
+            conn.set_autocommit(self._autocommit)
+            if self._read_only is not None:
+                conn.set_read_only(self._read_only)
+            if self._isolation_level is not None:
+                conn.set_isolation_level(self._isolation_level)
+            if self._deferrable is not None:
+                conn.set_deferrable(self._deferrable)
+            if self._session:
+                _replay(conn, self._session)
+                self._dirty.add(host)
+        except BaseException:
+            _reset_characteristics(conn)
+            self._lb._checkin(host, conn)
+            raise
+        self._conns[host] = conn
+        return conn
+
+    def _run_session(
+        self, text: str, c: Classification, host: Host, conn: AConn, run: Any
+    ) -> tuple[Host, AConn]:
+        """A session-level SET (or RESET, DISCARD): on every held connection, then kept
+        to be replayed on connections taken later."""
+        run(conn)
+        self._dirty.add(host)
+        for other, other_conn in list(self._conns.items()):
+            if other is not host:
+                _replay(other_conn, [text])
+                self._dirty.add(other)
+        self._session.append(text)
+        self.host, self.reason = host.label, "session_set"
+        log_routed(host, "session_set", self._route.name)
+        self._after_statement(host, conn, c)
+        return host, conn
+
+    def _recover(self, exc: psycopg.Error, host: Host, run: Any) -> tuple[Host, AConn, str]:
+        """A statement failed: retry it once on another host when nothing can have
+        happened (a replica, outside a transaction), else raise."""
+        route = self._route
+        if host is route.primary or self._pinned is not None:
+            raise exc
+        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            # The replica refused a write the classifier could not see (a function
+            # declared STABLE that writes): nothing happened; the primary runs it.
+            log_fallback(host, exc, "read_only_retry")
+            new_host, reason = route.primary, "read_only_retry"
+        elif is_connection_error(exc):
+            self._drop(host, exc)
+            log_fallback(host, exc, "connection_error")
+            replica = self._caught_up_replica(current_state().token.get(route.name))
+            if replica is None:
+                new_host, reason = route.primary, "fallback_primary"
+            else:
+                new_host, reason = replica, "fallback_replica"
+        else:
+            raise exc
+        new_conn = self._conn_for(new_host)
+        run(new_conn)
+        return new_host, new_conn, reason
+
+    def _drop(self, host: Host, exc: BaseException) -> None:
+        self._lb._host_failed(host, exc)
+        conn = self._conns.pop(host, None)
+        self._dirty.discard(host)
+        if conn is not None:
+            self._lb._checkin(host, conn)
+
+    def _after_statement(self, host: Host, conn: AConn, c: Classification | None) -> None:
+        """Track the transaction the statement left open, and the writes it made."""
+        primary = host is self._route.primary
+        may_write = primary and (c is None or c.reason not in _NO_WRITE_REASONS)
+        status = _IDLE if conn.closed else conn.info.transaction_status
+        if status != _IDLE or self._pin_depth:
+            self._pinned = host
+            if may_write and c is not None:
+                self._wrote = True
+            return
+        if self._pinned is not None:
+            self._transaction_ended(host, committed=c is None or c.kind != "rollback")
+        elif may_write and c is not None:
+            self._capture_lsn(conn)
+
+    def _transaction_ended(self, host: Host, *, committed: bool) -> None:
+        wrote = self._wrote
+        self._pinned = None
+        self._wrote = False
+        if committed and wrote and host is self._route.primary:
+            self._capture_lsn(self._conns[host])
+
+    def _capture_lsn(self, conn: AConn) -> None:
+        """Read the primary's WAL position after a write committed (autocommit is
+        switched on for the query, so that it opens no transaction)."""
+        autocommit = conn.autocommit
+        if not autocommit:
+            conn.set_autocommit(True)
+        try:
+            cur = conn.execute(LSN_SQL)
+            self._record(cur.fetchone())
+        finally:
+            if not autocommit and not conn.closed:
+                conn.set_autocommit(False)
+
+    def _record(self, row: Any) -> None:
+        if row and row[0]:
+            position = parse_lsn(row[0])
+            record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
+
+
+class RoutingCursor:
+    """A cursor of a routing connection. Each ``execute`` is routed on its own; the
+    results are read from the server cursor of the host that ran it."""
+
+    def __init__(
+        self, conn: RoutingConnection, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self._conn = conn
+        self._args = args
+        self._kwargs = kwargs
+        self._named = bool(args) or bool(kwargs.get("name"))
+        self._cursor: Any = None
+        self._host: Host | None = None
+
+    def _raw_cursor(self) -> Cursor[Any]:
+        if self._cursor is None:
+            raise psycopg.ProgrammingError("no statement executed yet")
+        cursor: Cursor[Any] = self._cursor
+        return cursor
+
+    def _bind(self, conn: AConn) -> Any:
+        if self._cursor is not None and self._cursor.connection is conn:
+            return self._cursor
+        if self._cursor is not None:
+            if self._named:
+                raise PgReplicaError("a named cursor stays on the host of its first execute()")
+            self._cursor.close()
+        self._cursor = conn.cursor(*self._args, **self._kwargs)
+        return self._cursor
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> RoutingCursor:
+        def run(conn: AConn) -> None:
+            cursor = self._bind(conn)
+            if self._named:
+                cursor.execute(query, params, binary=binary)
+            else:
+                cursor.execute(query, params, prepare=prepare, binary=binary)
+
+        self._host, _ = self._conn._run(query, run, server_cursor=self._named)
+        return self
+
+    def executemany(
+        self, query: Any, params_seq: Iterable[Any], *, returning: bool = False
+    ) -> None:
+        params_list = list(params_seq)
+
+        def run(conn: AConn) -> None:
+            cursor = self._bind(conn)
+            cursor.executemany(query, params_list, returning=returning)
+
+        self._host, _ = self._conn._run(query, run)
+
+    @contextmanager
+    def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+        """``COPY ... FROM STDIN`` on the primary, ``COPY ... TO STDOUT`` on a replica."""
+        routing = self._conn
+        c = routing._lb.classify(statement, routing._route.name)
+        host, reason = routing._choose(c, False)
+        conn = routing._conn_for(host)
+        cursor = self._bind(conn)
+        routing.host, routing.reason = host.label, reason
+        log_routed(host, reason, routing._route.name)
+        with cursor.copy(statement, params, **kwargs) as copy:
+            yield copy
+        routing._after_statement(host, conn, c)
+
+    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+        """Rows one at a time from the host the statement is routed to."""
+        routing = self._conn
+        c = routing._lb.classify(query, routing._route.name)
+        host, reason = routing._choose(c, False)
+        conn = routing._conn_for(host)
+        cursor = self._bind(conn)
+        routing.host, routing.reason = host.label, reason
+        for row in cursor.stream(query, params, **kwargs):  # noqa: RUF100, UP028
+            yield row
+        routing._after_statement(host, conn, c)
+
+    def fetchone(self) -> Any:
+        return self._raw_cursor().fetchone()
+
+    def fetchmany(self, size: int = 0) -> list[Any]:
+        return self._raw_cursor().fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        return self._raw_cursor().fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._raw_cursor().__iter__()
+
+    def close(self) -> None:
+        if self._cursor is not None:
+            self._cursor.close()
+
+    def __enter__(self) -> RoutingCursor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # description, rowcount, nextset(), scroll(), statusmessage, ...
+        return getattr(self._raw_cursor(), name)
+
+
+def _replay(conn: AConn, statements: list[str]) -> None:
+    for statement in statements:
+        conn.execute(statement)
+    if conn.info.transaction_status != _IDLE:
+        conn.commit()
+
+
+def _reset_characteristics(conn: AConn) -> None:
+    """Back to the pool's defaults (autocommit, no transaction characteristics)."""
+    if conn.closed or conn.info.transaction_status != _IDLE:
+        return
+    conn.set_autocommit(True)
+    conn.set_read_only(None)
+    conn.set_isolation_level(None)
+    conn.set_deferrable(None)
