@@ -35,7 +35,6 @@ from pgreplica.balancer import (
     is_connection_error,
     log_fallback,
     log_routed,
-    query_text,
 )
 from pgreplica.context import current_state, record_write
 from pgreplica.errors import PgReplicaError
@@ -65,6 +64,7 @@ _NO_WRITE_REASONS = frozenset(
         "explain",
         "select",
         "copy_to",
+        "set_config",
     }
 )
 _SESSION_KINDS = frozenset({"set", "session_set"})
@@ -87,7 +87,7 @@ class AsyncRoutingConnection:
         self._pinned: Host | None = None
         self._pin_depth = 0  # open transaction() / pipeline() blocks
         self._wrote = False  # the pinned transaction wrote on the primary
-        self._session: list[str] = []
+        self._session: list[tuple[Any, Any]] = []  # (query, params) to replay
         self._autocommit = False
         self._read_only: bool | None = None
         self._isolation_level: Any = None
@@ -297,15 +297,15 @@ class AsyncRoutingConnection:
     # -- routing ------------------------------------------------------------------------
 
     async def _run(
-        self, query: Any, run: Any, *, server_cursor: bool = False
+        self, query: Any, params: Any, run: Any, *, server_cursor: bool = False
     ) -> tuple[Host, AConn]:
         """Classify ``query``, pick its host, and ``await run(conn)`` there, retrying
         once elsewhere where that is safe. Returns the host and connection used."""
         c = await self._lb.classify(query, self._route.name)
         host, reason = await self._choose(c, server_cursor)
         conn = await self._conn_for(host)
-        if c.kind in _SESSION_KINDS and self._pinned is None:
-            return await self._run_session(query_text(query), c, host, conn, run)
+        if (c.kind in _SESSION_KINDS or c.reason == "set_config") and self._pinned is None:
+            return await self._run_session((query, params), c, host, conn, run)
         try:
             await run(conn)
         except psycopg.Error as exc:
@@ -407,7 +407,7 @@ class AsyncRoutingConnection:
         return conn
 
     async def _run_session(
-        self, text: str, c: Classification, host: Host, conn: AConn, run: Any
+        self, statement: tuple[Any, Any], c: Classification, host: Host, conn: AConn, run: Any
     ) -> tuple[Host, AConn]:
         """A session-level SET (or RESET, DISCARD): on every held connection, then kept
         to be replayed on connections taken later."""
@@ -415,9 +415,9 @@ class AsyncRoutingConnection:
         self._dirty.add(host)
         for other, other_conn in list(self._conns.items()):
             if other is not host:
-                await _replay(other_conn, [text])
+                await _replay(other_conn, [statement])
                 self._dirty.add(other)
-        self._session.append(text)
+        self._session.append(statement)
         self.host, self.reason = host.label, "session_set"
         log_routed(host, "session_set", self._route.name)
         await self._after_statement(host, conn, c)
@@ -541,7 +541,7 @@ class AsyncRoutingCursor:
             else:
                 await cursor.execute(query, params, prepare=prepare, binary=binary)
 
-        self._host, _ = await self._conn._run(query, run, server_cursor=self._named)
+        self._host, _ = await self._conn._run(query, params, run, server_cursor=self._named)
         return self
 
     async def executemany(
@@ -553,7 +553,7 @@ class AsyncRoutingCursor:
             cursor = await self._bind(conn)
             await cursor.executemany(query, params_list, returning=returning)
 
-        self._host, _ = await self._conn._run(query, run)
+        self._host, _ = await self._conn._run(query, None, run)
 
     @asynccontextmanager
     async def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
@@ -613,9 +613,9 @@ class AsyncRoutingCursor:
         return getattr(self._raw_cursor(), name)
 
 
-async def _replay(conn: AConn, statements: list[str]) -> None:
-    for statement in statements:
-        await conn.execute(statement)
+async def _replay(conn: AConn, statements: list[tuple[Any, Any]]) -> None:
+    for query, params in statements:
+        await conn.execute(query, params)
     if conn.info.transaction_status != _IDLE:
         await conn.commit()
 
