@@ -27,6 +27,7 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.failover
+	$(BIN)/python -m bench.routing
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache
