@@ -1,0 +1,76 @@
+"""Settings of the example: a performance-data service whose read-only endpoints use
+a replica. Configured entirely from the environment:
+
+- DATABASE_URL: the primary (``postgresql://user:pass@host:port/dbname``)
+- READ_REPLICA_ENABLED=true and READ_REPLICA_DATABASE_URL (or ..._URLS, comma
+  separated): the replicas. Unset or false: no replica alias, everything on the primary.
+"""
+
+import os
+
+from psycopg.conninfo import conninfo_to_dict
+
+from pgreplica.contrib.django import replica_databases
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-only-not-secret")
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "django_perf.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    "rest_framework",
+    "perf",
+]
+MIDDLEWARE = [
+    "django.middleware.common.CommonMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "pgreplica.contrib.django.PgReplicaMiddleware",
+]
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": [],
+    "UNAUTHENTICATED_USER": None,
+}
+
+
+def _database(url: str) -> dict[str, object]:
+    params = conninfo_to_dict(url)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": params.get("dbname", "postgres"),
+        "USER": params.get("user", ""),
+        "PASSWORD": params.get("password", ""),
+        "HOST": params.get("host", "127.0.0.1"),
+        "PORT": params.get("port", "5432"),
+    }
+
+
+DATABASES = {"default": _database(os.environ.get("DATABASE_URL", "postgresql:///django_perf"))}
+DATABASES.update(replica_databases(DATABASES["default"]))
+DATABASE_ROUTERS = ["pgreplica.contrib.django.ReadReplicaRouter"]
+
+PGREPLICA = {
+    # Only these apps' models may be read from a replica.
+    "REPLICA_APPS": {"perf"},
+    # Keep the causal token server-side too, for authenticated clients without cookies.
+    "STICKING": os.environ.get("PGREPLICA_STICKING") or None,
+    "SETTINGS": {
+        key: value
+        for key, value in {
+            "probe_interval": os.environ.get("PGREPLICA_PROBE_INTERVAL"),
+        }.items()
+        if value
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"pgreplica": {"handlers": ["console"], "level": "WARNING"}},
+}

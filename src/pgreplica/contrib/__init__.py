@@ -1,0 +1,2 @@
+"""Integrations with frameworks. Each subpackage imports the core and its framework,
+never another integration."""

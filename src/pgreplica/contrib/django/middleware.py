@@ -1,0 +1,123 @@
+"""``PgReplicaMiddleware``: read-your-writes across requests and app servers.
+
+After a request that wrote, the primary's WAL position (the causal token) goes back to
+the client twice: a signed cookie for browsers, and an ``X-PgReplica-Token`` response
+header for API clients and single-page apps, which send it back in the same header. The
+next request adopts it, so its reads only use replicas that have replayed the write,
+even on another app server. For authenticated users that carry neither (webhooks,
+services acting for a user), the token is also kept server-side by user id
+(``pgreplica.sticking``), when ``PGREPLICA["STICKING"]`` names a store.
+
+Place it after ``AuthenticationMiddleware``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Any
+
+from pgreplica.balancer import LSN_SQL
+from pgreplica.context import record_write
+from pgreplica.contrib.django.state import REQUEST, RequestState, integration, track_queries
+from pgreplica.errors import TokenError
+from pgreplica.lsn import CausalToken, parse_lsn
+
+logger = logging.getLogger("pgreplica.django")
+
+COOKIE = "pgreplica_token"
+HEADER = "X-PgReplica-Token"
+
+
+class PgReplicaMiddleware:
+    def __init__(self, get_response: Any) -> None:
+        from django.conf import settings
+
+        self.get_response = get_response
+        options = dict(getattr(settings, "PGREPLICA", {}) or {})
+        self.cookie_name: str = options.get("TOKEN_COOKIE", COOKIE)
+        self.header_name: str = options.get("TOKEN_HEADER", HEADER)
+        self.key: str = options.get("SIGNING_KEY") or settings.SECRET_KEY
+        self.sticking = _sticking(options.get("STICKING"))
+        lag = integration().lb.settings.max_lag_seconds
+        self.max_age = int(max(2 * lag, 60))
+
+    def __call__(self, request: Any) -> Any:
+        lb = integration().lb
+        incoming = self._incoming(request)
+        state = RequestState()
+        with ExitStack() as stack:
+            stack.enter_context(lb.isolated())
+            stack.enter_context(lb.causal(incoming))
+            ident = self._ident(request)
+            if self.sticking is not None and ident is not None:
+                stack.enter_context(self.sticking.adopt(ident))
+            token = REQUEST.set(state)
+            try:
+                with track_queries(state):
+                    response = self.get_response(request)
+            finally:
+                REQUEST.reset(token)
+            if state.wrote:
+                self._capture(lb)
+                signed = lb.token().sign(self.key)
+                response[self.header_name] = signed
+                response.set_cookie(
+                    self.cookie_name,
+                    signed,
+                    max_age=self.max_age,
+                    httponly=True,
+                    samesite="Lax",
+                    secure=request.is_secure(),
+                )
+                if self.sticking is not None and ident is not None:
+                    self.sticking.stick(ident)
+        return response
+
+    def _incoming(self, request: Any) -> CausalToken:
+        token = CausalToken()
+        for text in (
+            request.headers.get(self.header_name),
+            request.COOKIES.get(self.cookie_name),
+        ):
+            if not text:
+                continue
+            try:
+                token = token | CausalToken.verify(text, self.key)
+            except TokenError as exc:
+                logger.info("pgreplica_token_rejected reason=%s", exc)
+        return token
+
+    def _ident(self, request: Any) -> Any:
+        user = getattr(request, "user", None)
+        if user is None or not getattr(user, "is_authenticated", False):
+            return None
+        return user.pk
+
+    def _capture(self, lb: Any) -> None:
+        """The primary's WAL position after the request's writes committed."""
+        from django.db import connections
+
+        integ = integration()
+        connection = connections[integ.primary_alias]
+        if connection.in_atomic_block:
+            return  # not committed yet: the outer code owns the transaction
+        with connection.cursor() as cursor:
+            cursor.execute(LSN_SQL)
+            row = cursor.fetchone()
+        if row and row[0]:
+            record_write(CausalToken({integ.primary_alias: parse_lsn(row[0])}))
+
+
+def _sticking(spec: Any) -> Any:
+    """``None``, ``"memory"``, a ``redis://`` URL, or a ready ``Sticking`` object."""
+    if spec is None:
+        return None
+    from pgreplica import sticking
+
+    lb = integration().lb
+    if isinstance(spec, str):
+        if spec == "memory":
+            return sticking.Sticking(lb, sticking.MemoryStickingStore())
+        return sticking.Sticking(lb, sticking.RedisStickingStore(spec))
+    return spec

@@ -1,0 +1,102 @@
+"""``ReadReplicaRouter``: Django's database router, lag- and causality-aware.
+
+Reads go to a replica alias only when all of these hold:
+
+- the current request (or block) asked for replica reads (``ReadReplicaMixin``,
+  ``@read_replica``, or ``replica_reads()``), and did not write yet;
+- the model's app label is in the allow-list (``PGREPLICA["REPLICA_APPS"]``; all apps
+  when unset);
+- no ``transaction.atomic()`` block is open on the primary;
+- a replica is up, within the lag bounds, and has replayed the request's causal token
+  (the prober's cached replay LSN, or one direct check).
+
+Otherwise the router returns the primary alias. Writes always go to the primary alias.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from pgreplica.balancer import CHECK_SQL
+from pgreplica.context import current_state
+from pgreplica.contrib.django.state import REQUEST, integration
+from pgreplica.lsn import parse_lsn
+
+logger = logging.getLogger("pgreplica.django")
+
+
+class ReadReplicaRouter:
+    """For ``DATABASE_ROUTERS``. Every method may answer None ("no opinion")."""
+
+    def __init__(self) -> None:
+        from django.conf import settings
+
+        options = dict(getattr(settings, "PGREPLICA", {}) or {})
+        apps: Collection[str] | None = options.get("REPLICA_APPS")
+        self.replica_apps = None if apps is None else frozenset(apps)
+
+    def db_for_read(self, model: Any, **hints: Any) -> str | None:
+        state = REQUEST.get()
+        if state is None or not state.replica or state.primary_only:
+            return None
+        if self.replica_apps is not None and model._meta.app_label not in self.replica_apps:
+            return None
+        lb = integration()
+        if not lb.alias_of and not lb.mirror_aliases:
+            return None
+        from django.db import connections
+
+        if connections[lb.primary_alias].in_atomic_block:
+            return lb.primary_alias
+        if state.alias is None:
+            state.alias = choose_replica(lb)
+        return state.alias or lb.primary_alias
+
+    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        lb = integration()
+        return lb.primary_alias if lb.replica_aliases else None
+
+    def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool | None:
+        lb = integration()
+        same_database = {lb.primary_alias, *lb.replica_aliases}
+        if obj1._state.db in same_database and obj2._state.db in same_database:
+            return True
+        return None
+
+    def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool | None:
+        if db in integration().replica_aliases:
+            return False
+        return None
+
+
+def choose_replica(lb: Any) -> str | None:
+    """The alias of a replica that has replayed the context's token, or None."""
+    router = lb.lb._router
+    route = lb.route
+    need = current_state().token.get(lb.primary_alias)
+    candidates = router.caught_up(route, need, None)
+    if candidates:
+        host = candidates[router.next_index(len(candidates))]
+        return str(lb.alias_of[host])
+    if lb.mirror_aliases:
+        return str(lb.mirror_aliases[router.next_index(len(lb.mirror_aliases))])
+    if not need:
+        return None
+    from django.db import connections
+
+    for host in router.behind(route, need, set()):
+        alias = lb.alias_of[host]
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute(CHECK_SQL)
+                row = cursor.fetchone()
+        except Exception as exc:  # a sick replica: the prober will mark it down
+            logger.warning("db_routing_check_failed alias=%s error=%s", alias, type(exc).__name__)
+            continue
+        position = parse_lsn(row[0]) if row and row[0] else 0
+        host.note_replay_lsn(position)
+        if position >= need:
+            return str(alias)
+    return None

@@ -1,0 +1,365 @@
+"""The Django integration on the real cluster, through the example app (examples/django_perf).
+
+Django is configured once per process: the session fixture points the example's
+settings at the local cluster (a database ``django_perf`` on the primary, which
+streaming replication copies to the replicas) and migrates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgreplica.testing import LocalCluster
+
+django = pytest.importorskip("django", reason="Django is not installed (pip install '.[dev]')")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "django_perf"
+DB = "django_perf"
+
+
+def dsn(cluster: LocalCluster, index: int) -> str:
+    return cluster.dsn(index).rsplit("/", 1)[0] + f"/{DB}"
+
+
+def example_env(cluster: LocalCluster, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": dsn(cluster, 0),
+        "READ_REPLICA_ENABLED": "true",
+        "READ_REPLICA_DATABASE_URLS": f"{dsn(cluster, 1)},{dsn(cluster, 2)}",
+        "DJANGO_SETTINGS_MODULE": "django_perf.settings",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def project(cluster: LocalCluster) -> Iterator[None]:
+    if not cluster.execute(0, f"SELECT 1 FROM pg_database WHERE datname = '{DB}'"):
+        cluster.execute(0, f"CREATE DATABASE {DB}")
+    cluster.wait_replayed()
+    os.environ.update(example_env(cluster, PGREPLICA_STICKING="memory"))
+    sys.path.insert(0, str(EXAMPLE))
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    cluster.wait_replayed()
+    yield
+    from pgreplica.contrib.django import reset_integration
+
+    reset_integration()
+
+
+@pytest.fixture(autouse=True)
+def replicas_up(request: pytest.FixtureRequest) -> None:
+    """Django tests start with every replica back in the integration's read set."""
+    if "project" not in request.fixturenames:
+        return
+    request.getfixturevalue("healthy_cluster")
+    from django.db import connections
+
+    from pgreplica.contrib.django import integration
+
+    # Django's test client keeps connections open across requests; a server restarted by
+    # an earlier test leaves them broken.
+    connections.close_all()
+    from pgreplica.workload import wait_until
+
+    lb = integration().lb
+    wait_until(lambda: all(s.state == "up" for s in lb.status()), timeout=15, what="hosts up")
+
+
+@pytest.fixture
+def client(project: None, healthy_cluster: LocalCluster) -> Any:
+    from django.test import Client
+
+    return Client()
+
+
+def new_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# -- settings helper -------------------------------------------------------------------
+
+
+def test_replica_alias_exists_only_when_enabled_and_set() -> None:
+    from pgreplica.contrib.django import replica_databases
+
+    default = {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "HOST": "p"}
+    url = "postgresql://app:S3cr3t-pw@replica-1:5433/app"
+    assert replica_databases(default, env={}) == {}
+    assert replica_databases(default, env={"READ_REPLICA_DATABASE_URL": url}) == {}
+    assert replica_databases(default, env={"READ_REPLICA_ENABLED": "true"}) == {}
+    env = {"READ_REPLICA_ENABLED": "true", "READ_REPLICA_DATABASE_URL": url}
+    aliases = replica_databases(default, env=env)
+    assert list(aliases) == ["read_replica"]
+    assert aliases["read_replica"]["HOST"] == "replica-1"
+    assert aliases["read_replica"]["PORT"] == "5433"
+    assert aliases["read_replica"]["ENGINE"] == default["ENGINE"]
+    env["READ_REPLICA_DATABASE_URLS"] = (
+        "postgresql://app@replica-2/app,postgresql://app@replica-3/app"
+    )
+    assert list(replica_databases(default, env=env)) == [
+        "read_replica",
+        "read_replica_2",
+        "read_replica_3",
+    ]
+
+
+def test_bad_replica_settings_name_the_setting() -> None:
+    import pgreplica
+    from pgreplica.contrib.django import replica_databases
+
+    with pytest.raises(pgreplica.ConfigError, match="READ_REPLICA_ENABLED"):
+        replica_databases({}, env={"READ_REPLICA_ENABLED": "maybe"})
+    with pytest.raises(pgreplica.ConfigError, match="READ_REPLICA_DATABASE_URL") as info:
+        replica_databases(
+            {},
+            env={
+                "READ_REPLICA_ENABLED": "1",
+                "READ_REPLICA_DATABASE_URL": "postgresql://a:S3cr3t-pw@h:99999/x",
+            },
+        )
+    assert "S3cr3t-pw" not in str(info.value)
+
+
+# -- router ----------------------------------------------------------------------------
+
+
+def test_router_contract(project: None, healthy_cluster: LocalCluster) -> None:
+    from django.contrib.auth.models import User
+    from perf.models import Signature
+
+    from pgreplica.contrib.django import ReadReplicaRouter, replica_reads
+
+    router = ReadReplicaRouter()
+    assert router.db_for_read(Signature) is None  # no scope: Django's default
+    with replica_reads():
+        assert router.db_for_read(Signature) in ("read_replica", "read_replica_2")
+        assert router.db_for_read(User) is None  # auth is not in the allow-list
+    assert router.db_for_write(Signature) == "default"
+    on_primary, on_replica = Signature(name="a"), Signature(name="b")
+    on_primary._state.db, on_replica._state.db = "default", "read_replica"
+    assert router.allow_relation(on_primary, on_replica) is True
+    elsewhere = Signature(name="c")
+    elsewhere._state.db = "other"
+    assert router.allow_relation(on_primary, elsewhere) is None
+    assert router.allow_migrate("read_replica", "perf") is False
+    assert router.allow_migrate("read_replica_2", "perf") is False
+    assert router.allow_migrate("default", "perf") is None
+
+
+def test_router_is_lag_aware(project: None, healthy_cluster: LocalCluster) -> None:
+    from perf.models import Signature
+
+    from pgreplica.contrib.django import ReadReplicaRouter, integration, replica_reads
+
+    router = ReadReplicaRouter()
+    healthy_cluster.kill(1)
+    lb = integration().lb
+    from pgreplica.workload import wait_until
+
+    wait_until(lambda: [s.state for s in lb.status()][1] == "down", what="replica 1 down")
+    for _ in range(10):
+        with replica_reads():
+            assert router.db_for_read(Signature) == "read_replica_2"
+
+
+# -- the mixin and the decorator -------------------------------------------------------
+
+
+def test_opted_in_endpoints_are_served_by_the_replica(client: Any) -> None:
+    from pgreplica.contrib.django.testing import assert_served_by_primary, assert_served_by_replica
+
+    for url in ("/api/signatures/", "/api/datapoints/", "/api/summary/", "/api/signature-count/"):
+        with assert_served_by_replica():
+            assert client.get(url).status_code == 200, url
+    for url in ("/api/alertsummaries/", "/api/alerts/", "/api/tags/"):
+        with assert_served_by_primary():  # excluded endpoints never touch the replica
+            assert client.get(url).status_code == 200, url
+
+
+def test_unsafe_methods_and_other_actions_stay_on_the_primary(client: Any) -> None:
+    from pgreplica.contrib.django.testing import assert_served_by_primary
+
+    with assert_served_by_primary():
+        response = client.post(
+            "/api/signatures/",
+            {"name": new_name("sig"), "framework": "t"},
+            content_type="application/json",
+        )
+    assert response.status_code == 201
+    ident = response.json()["id"]
+    with assert_served_by_primary():  # retrieve is routed, but PATCH is not a safe method
+        patched = client.patch(
+            f"/api/signatures/{ident}/", {"framework": "u"}, content_type="application/json"
+        )
+    assert patched.status_code == 200
+    with assert_served_by_primary():
+        assert client.delete(f"/api/signatures/{ident}/").status_code == 204
+
+
+def test_transaction_atomic_reads_go_to_the_primary(client: Any) -> None:
+    from pgreplica.contrib.django.testing import served_by
+
+    with served_by() as seen:
+        assert client.get("/api/signature-count/?atomic=1").status_code == 200
+    assert seen[0] in ("read_replica", "read_replica_2")  # outside the atomic block
+    assert seen[-1] == "default"  # inside it
+
+
+def test_a_write_during_a_get_sends_the_rest_to_the_primary(client: Any) -> None:
+    from perf.models import Tag
+
+    from pgreplica.contrib.django.testing import served_by
+
+    name = new_name("tag")
+    Tag.objects.create(name=name)
+    with served_by() as seen:
+        response = client.get(f"/api/tag-touch/?name={name}")
+    assert response.json()["after"] == 1
+    assert seen[-2:] == ["default", "default"]  # the update, then the read after it
+
+
+def test_state_is_cleared_when_the_view_raises(client: Any) -> None:
+    from pgreplica.contrib.django.state import REQUEST
+
+    with pytest.raises(KeyError):
+        client.get("/api/tag-touch/")  # no ?name=: the view raises
+    assert REQUEST.get() is None
+
+
+def test_replica_failure_is_retried_once_on_the_primary(
+    project: None, healthy_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.test import Client, override_settings
+
+    from pgreplica.contrib.django import integration, reset_integration
+    from pgreplica.contrib.django.testing import served_by
+
+    # A prober that will not notice the kill: the request itself meets the dead replica.
+    options = {"REPLICA_APPS": {"perf"}, "SETTINGS": {"probe_interval": 60}}
+    reset_integration()
+    try:
+        with override_settings(PGREPLICA=options):
+            integration()
+            healthy_cluster.kill(1)
+            healthy_cluster.kill(2)
+            with caplog.at_level(logging.WARNING, logger="pgreplica"), served_by() as seen:
+                response = Client().get("/api/signatures/")
+            assert response.status_code == 200
+            assert seen[-1] == "default"
+            assert "db_routing_fallback view=SignatureViewSet" in caplog.text
+    finally:
+        reset_integration()
+
+
+def test_routed_requests_log_at_debug(client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="pgreplica.django"):
+        client.get("/api/signatures/")
+    assert "db_routing routed_to=read_replica" in caplog.text
+
+
+# -- read-your-writes across requests --------------------------------------------------
+
+
+def test_read_your_writes_across_requests_under_lag(
+    client: Any, healthy_cluster: LocalCluster
+) -> None:
+    from django.test import Client
+
+    healthy_cluster.lag(1, "300ms")
+    healthy_cluster.lag(2, "300ms")
+    stale = {"header": 0, "cookie": 0, "none": 0}
+    for i in range(15):
+        for carrier in stale:
+            writer = Client()
+            name = new_name(f"ryw{i}")
+            created = writer.post(
+                "/api/signatures/", {"name": name}, content_type="application/json"
+            )
+            assert created.status_code == 201
+            token = created.headers["X-PgReplica-Token"]
+            assert created.cookies["pgreplica_token"].value == token
+            reader = Client()  # the next request: another client object, maybe another server
+            if carrier == "header":
+                response = reader.get(
+                    f"/api/signatures/{created.json()['id']}/", HTTP_X_PGREPLICA_TOKEN=token
+                )
+            elif carrier == "cookie":
+                reader.cookies["pgreplica_token"] = token
+                response = reader.get(f"/api/signatures/{created.json()['id']}/")
+            else:
+                response = reader.get(f"/api/signatures/{created.json()['id']}/")
+            if response.status_code != 200:
+                stale[carrier] += 1
+    assert stale["header"] == 0 and stale["cookie"] == 0
+    # The control group proves the lag was real: without the token, reads were stale.
+    assert stale["none"] > 0
+
+
+def test_tampered_token_is_ignored(client: Any) -> None:
+    response = client.get("/api/signatures/", HTTP_X_PGREPLICA_TOKEN="default=FF/FFFFFFFF.forged")
+    assert response.status_code == 200
+
+
+def test_pytest_django_and_kill_switch_in_a_fresh_process(
+    project: None, healthy_cluster: LocalCluster
+) -> None:
+    """pytest-django's ``databases=[...]`` marker, and READ_REPLICA_ENABLED=false as a
+    true no-op, each in its own process (Django is configured once per process)."""
+    env = {**os.environ, **example_env(healthy_cluster)}
+    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLE), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "django",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(EXAMPLE),
+            "-c",
+            os.devnull,
+            str(EXAMPLE / "tests"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+    env["READ_REPLICA_ENABLED"] = "false"
+    script = (
+        "import django; django.setup();"
+        "from django.db import connections; assert list(connections.databases) == ['default'];"
+        "from django.test import Client;"
+        "from pgreplica.contrib.django.testing import assert_served_by_primary;"
+        "cm = assert_served_by_primary(); cm.__enter__();"
+        "assert Client().get('/api/signatures/').status_code == 200;"
+        "cm.__exit__(None, None, None); print('no-op ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0 and "no-op ok" in result.stdout, result.stderr[-3000:]
