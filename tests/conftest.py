@@ -17,6 +17,9 @@ import pytest
 
 from pgreplica.testing import LocalCluster, make_cluster_directory
 
+# Session-scoped Redis server (tests/redis_server.py) for the sticking tests.
+from redis_server import redis_server  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:

@@ -27,6 +27,7 @@ def host_state(lb: pgreplica.LoadBalancer, port: int) -> str:
 def lb(healthy_cluster: LocalCluster) -> Iterator[pgreplica.LoadBalancer]:
     balancer = pgreplica.LoadBalancer(config=healthy_cluster.config())
     prepare(balancer, range(64))
+    healthy_cluster.wait_replayed()  # the table exists on the replicas before any read
     yield balancer
     balancer.close()
 

@@ -29,6 +29,7 @@ def state_of(lb: pgreplica.LoadBalancer, host: str) -> str:
 def lb(healthy_cluster: LocalCluster) -> Iterator[pgreplica.LoadBalancer]:
     balancer = pgreplica.LoadBalancer(config=healthy_cluster.config())
     prepare(balancer, range(100, 132))
+    healthy_cluster.wait_replayed()
     yield balancer
     balancer.close()
 

@@ -113,11 +113,11 @@ def _sticking(spec: Any) -> Any:
     """``None``, ``"memory"``, a ``redis://`` URL, or a ready ``Sticking`` object."""
     if spec is None:
         return None
-    from pgreplica import sticking
+    from pgreplica.sticking import MemoryStickingStore, RedisStickingStore, Sticking
 
     lb = integration().lb
     if isinstance(spec, str):
         if spec == "memory":
-            return sticking.Sticking(lb, sticking.MemoryStickingStore())
-        return sticking.Sticking(lb, sticking.RedisStickingStore(spec))
+            return Sticking(lb, MemoryStickingStore())
+        return Sticking(lb, RedisStickingStore(spec))
     return spec
