@@ -363,3 +363,32 @@ def test_pytest_django_and_kill_switch_in_a_fresh_process(
         check=False,
     )
     assert result.returncode == 0 and "no-op ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_server_side_sticking_for_authenticated_users(
+    project: None, healthy_cluster: LocalCluster, redis_server: str, store: str
+) -> None:
+    """A client that carries neither cookie nor header (another session of the same
+    user, a webhook acting for them) still reads its user's writes."""
+    from django.contrib.auth.models import User
+    from django.test import Client, override_settings
+
+    spec = "memory" if store == "memory" else redis_server
+    user = User.objects.create(username=new_name("user"))
+    healthy_cluster.lag(1, "300ms")
+    healthy_cluster.lag(2, "300ms")
+    with override_settings(PGREPLICA={"REPLICA_APPS": {"perf"}, "STICKING": spec}):
+        writer, reader = Client(), Client()
+        writer.force_login(user)
+        reader.force_login(user)  # another session: no pgreplica cookie, no header
+        missing = 0
+        for i in range(10):
+            created = writer.post(
+                "/api/signatures/", {"name": new_name(f"stick{i}")}, content_type="application/json"
+            )
+            assert created.status_code == 201
+            reader.cookies.pop("pgreplica_token", None)
+            response = reader.get(f"/api/signatures/{created.json()['id']}/")
+            missing += response.status_code != 200
+        assert missing == 0

@@ -68,6 +68,7 @@ _NO_WRITE_REASONS = frozenset(
     }
 )
 _SESSION_KINDS = frozenset({"set", "session_set"})
+_CONNECTION_BOUND = frozenset({"prepare", "execute", "deallocate", "cursor"})
 _IDLE = TransactionStatus.IDLE
 
 
@@ -342,7 +343,9 @@ class AsyncRoutingConnection:
                 if replica is not None:
                     return replica, "read_only_transaction"
             return route.primary, "transaction"
-        if not c.replica:
+        if not c.replica or c.kind in _CONNECTION_BOUND:
+            # Also a read PREPARE or DECLARE ... WITH HOLD: the EXECUTE or FETCH that
+            # follows must find it on the same server connection, the primary's.
             return route.primary, c.reason
         if state.use_primary:
             return route.primary, "primary_scope"

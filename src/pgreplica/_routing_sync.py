@@ -51,6 +51,7 @@ _NO_WRITE_REASONS = frozenset(
     }
 )
 _SESSION_KINDS = frozenset({"set", "session_set"})
+_CONNECTION_BOUND = frozenset({"prepare", "execute", "deallocate", "cursor"})
 _IDLE = TransactionStatus.IDLE
 
 
@@ -314,7 +315,9 @@ class RoutingConnection:
                 if replica is not None:
                     return replica, "read_only_transaction"
             return route.primary, "transaction"
-        if not c.replica:
+        if not c.replica or c.kind in _CONNECTION_BOUND:
+            # Also a read PREPARE or DECLARE ... WITH HOLD: the EXECUTE or FETCH that
+            # follows must find it on the same server connection, the primary's.
             return route.primary, c.reason
         if state.use_primary:
             return route.primary, "primary_scope"

@@ -330,7 +330,7 @@ def function_volatility(names: Sequence[str], rows: Sequence[Any]) -> dict[str, 
         schema, _, bare = name.rpartition(".")
         worst = ""
         for proname, nspname, volatility in rows:
-            if proname.lower() != bare or (schema and nspname.lower() != schema):
+            if proname != bare or (schema and nspname != schema):
                 continue
             if not worst or _VOLATILITY_ORDER.get(volatility, 2) > _VOLATILITY_ORDER[worst]:
                 worst = volatility if volatility in _VOLATILITY_ORDER else "v"

@@ -67,6 +67,9 @@ SAFE_VOLATILE = frozenset(
     }
 )
 SAFE_VOLATILE_PREFIXES = ("pg_stat_get_", "pg_stat_", "pg_ls_")
+#: Not volatile, yet refused during recovery, or meant for the primary's own state.
+PRIMARY_ONLY = frozenset({"pg_walfile_name", "pg_walfile_name_offset"})
+PRIMARY_ONLY_PREFIXES = ("pg_stat_reset",)
 
 #: Functions that write, lock or assign a transaction id: primary, with their reason.
 WRITE_FUNCTIONS = {
@@ -324,7 +327,9 @@ def _visit(node: Any, found: _Found) -> None:
             if key == "FuncCall":
                 name = _function_name(value)
                 found.functions.append(name)
-                if name in _SET_CONFIG and not _is_local_true(value):
+                if name in _SET_CONFIG and (
+                    not _is_local_true(value) or _sets_transaction_mode(value)
+                ):
                     found.set_config_session = True
             elif key in _WRITE_NODES:
                 found.write = True
@@ -344,7 +349,17 @@ def _visit(node: Any, found: _Found) -> None:
 
 def _function_name(call: dict[str, Any]) -> str:
     parts = [p.get("String", {}).get("sval", "") for p in call.get("funcname", ())]
-    return ".".join(parts).lower()
+    # The parser folds unquoted names to lower case; a quoted "Random" stays itself and
+    # is not the built-in random().
+    return ".".join(parts)
+
+
+def _sets_transaction_mode(call: dict[str, Any]) -> bool:
+    """set_config('transaction_read_only' | 'transaction_isolation' | ..., ..., true)."""
+    args = call.get("args") or []
+    first = (args[0].get("A_Const") or {}).get("sval") if args else None
+    name = (first or {}).get("sval", "") if isinstance(first, dict) else ""
+    return not args or not first or str(name).lower().startswith("transaction_")
 
 
 def _is_local_true(call: dict[str, Any]) -> bool:
@@ -404,6 +419,8 @@ def function_verdict(name: str) -> str | None:
         return "advisory_lock"
     if bare not in BUILTIN_FUNCTIONS:
         return None
+    if bare in PRIMARY_ONLY or bare.startswith(PRIMARY_ONLY_PREFIXES):
+        return "volatile_function"
     if bare not in VOLATILE_BUILTINS or bare in SAFE_VOLATILE:
         return "read"
     if bare.startswith(SAFE_VOLATILE_PREFIXES):
@@ -426,6 +443,24 @@ def _transaction(node: dict[str, Any]) -> Classification:
     return Classification(PRIMARY, "transaction_control", mapping.get(kind, "two_phase"))
 
 
+def _standby_accepts(name: str, args: list[dict[str, Any]]) -> bool:
+    """False for the transaction modes a hot standby refuses (read-write, serializable)."""
+    if name not in ("transaction_read_only", "transaction_isolation"):
+        return True
+    const = (args[0].get("A_Const") or {}) if args else {}
+    if "sval" in const:
+        value = str((const["sval"] or {}).get("sval", "")).lower()
+    elif "ival" in const:
+        value = str((const["ival"] or {}).get("ival", 0))
+    elif "boolval" in const:
+        value = "on" if (const["boolval"] or {}).get("boolval") else "off"
+    else:
+        return False
+    if name == "transaction_read_only":
+        return value in ("on", "true", "1", "yes")
+    return value != "serializable"
+
+
 def _read_only_option(options: list[dict[str, Any]]) -> bool:
     for option in options:
         elem = option.get("DefElem") or {}
@@ -442,6 +477,10 @@ def _variable_set(node: dict[str, Any]) -> Classification:
         return Classification(
             PRIMARY, "transaction_control", "set_transaction", read_only=read_only
         )
+    if not _standby_accepts(name, node.get("args") or []):
+        # SET [LOCAL] transaction_read_only = off or transaction_isolation = serializable
+        # is SET TRANSACTION in other words, which a standby refuses.
+        return Classification(PRIMARY, "transaction_control", "set_transaction")
     if node.get("is_local"):
         return Classification(REPLICA, "set_local", "set_local")
     return Classification(PRIMARY, "session_set", "set")
@@ -476,6 +515,10 @@ def _truthy(arg: dict[str, Any]) -> bool:
     const = arg.get("A_Const") or {}
     if "boolval" in const:
         return bool((const["boolval"] or {}).get("boolval"))
+    if "ival" in const:
+        return bool((const["ival"] or {}).get("ival"))
+    if "Integer" in arg:  # EXPLAIN (ANALYZE 0): an option value, not a constant
+        return bool((arg["Integer"] or {}).get("ival"))
     text = str(((const.get("sval") or {}).get("sval")) or arg.get("String", {}).get("sval", "on"))
     return text.lower() in ("on", "true", "1", "yes")
 

@@ -1303,3 +1303,15 @@ FROM anon_1
 
 -- expect: primary sequence_function
 SELECT nextval('invoice_seq') AS next_value_1
+
+-- expect: replica explain
+EXPLAIN (ANALYZE 0) DELETE FROM items WHERE false
+
+-- expect: primary volatile_function
+SELECT pg_stat_reset()
+
+-- expect: primary set_config
+SELECT set_config('transaction_read_only', 'off', true)
+
+-- expect: replica set_local
+SET LOCAL transaction_isolation TO 'repeatable read'

@@ -109,15 +109,19 @@ class PgReplicaMiddleware:
             record_write(CausalToken({integ.primary_alias: parse_lsn(row[0])}))
 
 
+_stickings: dict[tuple[int, str], Any] = {}
+
+
 def _sticking(spec: Any) -> Any:
-    """``None``, ``"memory"``, a ``redis://`` URL, or a ready ``Sticking`` object."""
-    if spec is None:
-        return None
+    """``None``, ``"memory"``, a ``redis://`` URL, or a ready ``Sticking`` object. One
+    per process and spec: every middleware instance shares the same store."""
+    if spec is None or not isinstance(spec, str):
+        return spec
     from pgreplica.sticking import MemoryStickingStore, RedisStickingStore, Sticking
 
     lb = integration().lb
-    if isinstance(spec, str):
-        if spec == "memory":
-            return Sticking(lb, MemoryStickingStore())
-        return Sticking(lb, RedisStickingStore(spec))
-    return spec
+    key = (id(lb), spec)
+    if key not in _stickings:
+        store = MemoryStickingStore() if spec == "memory" else RedisStickingStore(spec)
+        _stickings[key] = Sticking(lb, store)
+    return _stickings[key]
