@@ -116,6 +116,23 @@ def test_replica_alias_exists_only_when_enabled_and_set() -> None:
     ]
 
 
+def test_replicas_from_a_pgreplica_config_file(tmp_path: Path) -> None:
+    from pgreplica.contrib.django import replica_databases
+
+    config = tmp_path / "pgreplica.toml"
+    config.write_text(
+        '[databases.main]\nprimary = "postgresql://app@p/app"\n'
+        'replicas = ["postgresql://app:S3cr3t-pw@r1:5433/app", "host=r2 dbname=app user=app"]\n'
+    )
+    env = {"READ_REPLICA_ENABLED": "on", "PGREPLICA_CONFIG": str(config)}
+    aliases = replica_databases({"NAME": "app"}, env=env)
+    assert [(a, d["HOST"]) for a, d in aliases.items()] == [
+        ("read_replica", "r1"),
+        ("read_replica_2", "r2"),
+    ]
+    assert aliases["read_replica"]["PASSWORD"] == "S3cr3t-pw"
+
+
 def test_bad_replica_settings_name_the_setting() -> None:
     import pgreplica
     from pgreplica.contrib.django import replica_databases

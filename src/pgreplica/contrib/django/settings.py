@@ -4,8 +4,9 @@
     DATABASES.update(replica_databases(DATABASES["default"]))
 
 The replica aliases exist only when ``READ_REPLICA_ENABLED`` is true and
-``READ_REPLICA_DATABASE_URL`` (one replica) or ``READ_REPLICA_DATABASE_URLS`` (comma
-separated) is set; otherwise this returns ``{}`` and the whole integration is a no-op.
+``READ_REPLICA_DATABASE_URL`` (one replica), ``READ_REPLICA_DATABASE_URLS`` (comma
+separated) or ``PGREPLICA_CONFIG`` (a pgreplica TOML file: its first database's replicas)
+is set; otherwise this returns ``{}`` and the whole integration is a no-op.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def replica_urls(env: Mapping[str, str] | None = None) -> list[str]:
     one = env.get("READ_REPLICA_DATABASE_URL", "").strip()
     if one and one not in urls:
         urls.insert(0, one)
+    if not urls and env.get("PGREPLICA_CONFIG"):
+        # The replicas of the first database of a pgreplica TOML file.
+        from pgreplica.config import Settings
+
+        settings = Settings.from_toml(env["PGREPLICA_CONFIG"], environ=env)
+        urls = [dsn.conninfo for dsn in settings.database(None).replicas]
     return urls
 
 
