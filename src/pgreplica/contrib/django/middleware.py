@@ -38,20 +38,19 @@ class PgReplicaMiddleware:
         self.cookie_name: str = options.get("TOKEN_COOKIE", COOKIE)
         self.header_name: str = options.get("TOKEN_HEADER", HEADER)
         self.key: str = options.get("SIGNING_KEY") or settings.SECRET_KEY
-        self.sticking = _sticking(options.get("STICKING"))
-        lag = integration().lb.settings.max_lag_seconds
-        self.max_age = int(max(2 * lag, 60))
+        self.sticking_spec = options.get("STICKING")
 
     def __call__(self, request: Any) -> Any:
         lb = integration().lb
+        sticking = _sticking(self.sticking_spec)
         incoming = self._incoming(request)
         state = RequestState()
         with ExitStack() as stack:
             stack.enter_context(lb.isolated())
             stack.enter_context(lb.causal(incoming))
             ident = self._ident(request)
-            if self.sticking is not None and ident is not None:
-                stack.enter_context(self.sticking.adopt(ident))
+            if sticking is not None and ident is not None:
+                stack.enter_context(sticking.adopt(ident))
             token = REQUEST.set(state)
             try:
                 with track_queries(state):
@@ -65,13 +64,13 @@ class PgReplicaMiddleware:
                 response.set_cookie(
                     self.cookie_name,
                     signed,
-                    max_age=self.max_age,
+                    max_age=int(max(2 * lb.settings.max_lag_seconds, 60)),
                     httponly=True,
                     samesite="Lax",
                     secure=request.is_secure(),
                 )
-                if self.sticking is not None and ident is not None:
-                    self.sticking.stick(ident)
+                if sticking is not None and ident is not None:
+                    sticking.stick(ident)
         return response
 
     def _incoming(self, request: Any) -> CausalToken:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pgreplica.balancer import CHECK_SQL
 from pgreplica.context import current_state
-from pgreplica.contrib.django.state import REQUEST, integration
+from pgreplica.contrib.django.state import REQUEST, configured_aliases, integration
 from pgreplica.lsn import parse_lsn
 
 logger = logging.getLogger("pgreplica.django")
@@ -54,19 +54,22 @@ class ReadReplicaRouter:
             state.alias = choose_replica(lb)
         return state.alias or lb.primary_alias
 
+    # The methods below only need alias names: they never build the integration (and
+    # so never start its prober), e.g. while Django creates a test database.
+
     def db_for_write(self, model: Any, **hints: Any) -> str | None:
-        lb = integration()
-        return lb.primary_alias if lb.replica_aliases else None
+        primary, replicas = configured_aliases()
+        return primary if replicas else None
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool | None:
-        lb = integration()
-        same_database = {lb.primary_alias, *lb.replica_aliases}
+        primary, replicas = configured_aliases()
+        same_database = {primary, *replicas}
         if obj1._state.db in same_database and obj2._state.db in same_database:
             return True
         return None
 
     def allow_migrate(self, db: str, app_label: str, **hints: Any) -> bool | None:
-        if db in integration().replica_aliases:
+        if db in configured_aliases()[1]:
             return False
         return None
 

@@ -77,6 +77,17 @@ class Integration:
         self.lb.close()
 
 
+def configured_aliases() -> tuple[str, list[str]]:
+    """The primary alias and the replica aliases, from Django's settings alone."""
+    from django.conf import settings
+
+    options = dict(getattr(settings, "PGREPLICA", {}) or {})
+    aliases = [
+        a for a in settings.DATABASES if a == REPLICA_ALIAS or a.startswith(REPLICA_ALIAS + "_")
+    ]
+    return options.get("PRIMARY_ALIAS", "default"), aliases
+
+
 def integration() -> Integration:
     """The process-wide integration, built on first use from Django's settings."""
     global _integration
@@ -84,9 +95,13 @@ def integration() -> Integration:
         with _lock:
             if _integration is None:
                 from django.conf import settings
+                from django.db import connections
 
+                # The connections' settings, not settings.DATABASES: in a test database
+                # a replica alias mirrors the primary through its connection only.
+                databases = {a: connections[a].settings_dict for a in settings.DATABASES}
                 _integration = Integration(
-                    settings.DATABASES, dict(getattr(settings, "PGREPLICA", {}) or {})
+                    databases, dict(getattr(settings, "PGREPLICA", {}) or {})
                 )
     return _integration
 

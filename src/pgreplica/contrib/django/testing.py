@@ -6,7 +6,14 @@
         client.post("/api/alerts/", {...})
 
 They work in Django's TestCase, TransactionTestCase and pytest-django tests (declare the
-replica alias in ``databases``).
+replica alias in ``databases``). Inside TestCase every test runs in a transaction on the
+primary that other connections cannot see, so reads stay on the primary there; use
+TransactionTestCase (pytest-django: ``transaction=True``) to exercise replica routing.
+
+pgreplica's prober holds a connection to the (test) database: stop it before the test
+database is dropped, with :class:`PgReplicaTestRunner` (``TEST_RUNNER``) or, with
+pytest-django, a session fixture that depends on ``django_db_setup`` and calls
+:func:`~pgreplica.contrib.django.reset_integration` after its ``yield``.
 """
 
 from __future__ import annotations
@@ -58,3 +65,19 @@ def assert_served_by_primary() -> Iterator[list[str]]:
         yield seen
     if not seen or set(seen) != {primary}:
         raise AssertionError(f"expected queries on {primary!r} only, got {seen}")
+
+
+def _runner_base() -> Any:
+    from django.test.runner import DiscoverRunner
+
+    return DiscoverRunner
+
+
+class PgReplicaTestRunner(_runner_base()):  # type: ignore[misc]  # Django ships no types
+    """Django's test runner, stopping pgreplica's prober before the test databases go."""
+
+    def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
+        from pgreplica.contrib.django.state import reset_integration
+
+        reset_integration()
+        super().teardown_databases(old_config, **kwargs)
