@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.failover
 	$(BIN)/python -m bench.routing
+	$(BIN)/python -m bench.classify
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache
