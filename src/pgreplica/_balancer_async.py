@@ -24,7 +24,7 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from pgreplica._routing_async import AsyncRoutingConnection
+from pgreplica._routing_async import AsyncCursorProxy, AsyncRoutingConnection
 from pgreplica.balancer import (
     CHECK_SQL,
     CHECKOUT_ERRORS,
@@ -541,10 +541,8 @@ class AsyncReadConnection:
         return f"<{type(self).__name__} {self.host} reason={self.reason}>"
 
 
-class AsyncReadCursor:
+class AsyncReadCursor(AsyncCursorProxy):
     """A client-side cursor of a read unit: ``execute`` retries like the connection's."""
-
-    __slots__ = ("_cursor", "_kwargs", "_unit")
 
     def __init__(self, unit: _AsyncReadUnit, kwargs: dict[str, Any]) -> None:
         self._unit = unit
@@ -581,35 +579,6 @@ class AsyncReadCursor:
             self._cursor = conn.cursor(**self._kwargs)
             await self._cursor.executemany(query, params_list, **kwargs)
         unit.served = True
-
-    async def fetchone(self) -> Any:
-        return await self._cursor.fetchone()
-
-    async def fetchmany(self, size: int = 0) -> list[Any]:
-        return await self._cursor.fetchmany(size)
-
-    async def fetchall(self) -> list[Any]:
-        return await self._cursor.fetchall()
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._cursor.__aiter__()
-
-    async def close(self) -> None:
-        await self._cursor.close()
-
-    async def __aenter__(self) -> AsyncReadCursor:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._cursor.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cursor, name)
 
 
 class _AsyncWriteUnit:

@@ -16,7 +16,7 @@ from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
-from pgreplica._routing_sync import RoutingConnection
+from pgreplica._routing_sync import CursorProxy, RoutingConnection
 from pgreplica.balancer import (
     CHECK_SQL,
     CHECKOUT_ERRORS,
@@ -512,10 +512,8 @@ class ReadConnection:
         return f"<{type(self).__name__} {self.host} reason={self.reason}>"
 
 
-class ReadCursor:
+class ReadCursor(CursorProxy):
     """A client-side cursor of a read unit: ``execute`` retries like the connection's."""
-
-    __slots__ = ("_cursor", "_kwargs", "_unit")
 
     def __init__(self, unit: _ReadUnit, kwargs: dict[str, Any]) -> None:
         self._unit = unit
@@ -552,35 +550,6 @@ class ReadCursor:
             self._cursor = conn.cursor(**self._kwargs)
             self._cursor.executemany(query, params_list, **kwargs)
         unit.served = True
-
-    def fetchone(self) -> Any:
-        return self._cursor.fetchone()
-
-    def fetchmany(self, size: int = 0) -> list[Any]:
-        return self._cursor.fetchmany(size)
-
-    def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall()
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._cursor.__iter__()
-
-    def close(self) -> None:
-        self._cursor.close()
-
-    def __enter__(self) -> ReadCursor:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._cursor.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cursor, name)
 
 
 class _WriteUnit:

@@ -45,7 +45,7 @@ from pgreplica.sql import Classification
 if TYPE_CHECKING:
     from pgreplica._balancer_async import AsyncLoadBalancer
 
-__all__ = ["AsyncRoutingConnection", "AsyncRoutingCursor"]
+__all__ = ["AsyncCursorProxy", "AsyncRoutingConnection", "AsyncRoutingCursor"]
 
 AConn = AsyncConnection[Any]
 
@@ -499,7 +499,51 @@ class AsyncRoutingConnection:
             record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
 
 
-class AsyncRoutingCursor:
+class AsyncCursorProxy:
+    """What the proxy cursors share: results are read from the server cursor that ran
+    the last statement (``self._cursor``, None before the first execute)."""
+
+    _cursor: Any
+
+    def _raw_cursor(self) -> AsyncCursor[Any]:
+        if self._cursor is None:
+            raise psycopg.ProgrammingError("no statement executed yet")
+        cursor: AsyncCursor[Any] = self._cursor
+        return cursor
+
+    async def fetchone(self) -> Any:
+        return await self._raw_cursor().fetchone()
+
+    async def fetchmany(self, size: int = 0) -> list[Any]:
+        return await self._raw_cursor().fetchmany(size)
+
+    async def fetchall(self) -> list[Any]:
+        return await self._raw_cursor().fetchall()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._raw_cursor().__aiter__()
+
+    async def close(self) -> None:
+        if self._cursor is not None:
+            await self._cursor.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # description, rowcount, nextset(), scroll(), statusmessage, ...
+        return getattr(self._raw_cursor(), name)
+
+
+class AsyncRoutingCursor(AsyncCursorProxy):
     """A cursor of a routing connection. Each ``execute`` is routed on its own; the
     results are read from the server cursor of the host that ran it."""
 
@@ -512,12 +556,6 @@ class AsyncRoutingCursor:
         self._named = bool(args) or bool(kwargs.get("name"))
         self._cursor: Any = None
         self._host: Host | None = None
-
-    def _raw_cursor(self) -> AsyncCursor[Any]:
-        if self._cursor is None:
-            raise psycopg.ProgrammingError("no statement executed yet")
-        cursor: AsyncCursor[Any] = self._cursor
-        return cursor
 
     async def _bind(self, conn: AConn) -> Any:
         if self._cursor is not None and self._cursor.connection is conn:
@@ -583,37 +621,6 @@ class AsyncRoutingCursor:
         async for row in cursor.stream(query, params, **kwargs):  # noqa: RUF100, UP028
             yield row
         await routing._after_statement(host, conn, c)
-
-    async def fetchone(self) -> Any:
-        return await self._raw_cursor().fetchone()
-
-    async def fetchmany(self, size: int = 0) -> list[Any]:
-        return await self._raw_cursor().fetchmany(size)
-
-    async def fetchall(self) -> list[Any]:
-        return await self._raw_cursor().fetchall()
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._raw_cursor().__aiter__()
-
-    async def close(self) -> None:
-        if self._cursor is not None:
-            await self._cursor.close()
-
-    async def __aenter__(self) -> AsyncRoutingCursor:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # description, rowcount, nextset(), scroll(), statusmessage, ...
-        return getattr(self._raw_cursor(), name)
 
 
 async def _replay(conn: AConn, statements: list[tuple[Any, Any]]) -> None:

@@ -28,7 +28,7 @@ from pgreplica.sql import Classification
 if TYPE_CHECKING:
     from pgreplica._balancer_sync import LoadBalancer
 
-__all__ = ["RoutingConnection", "RoutingCursor"]
+__all__ = ["CursorProxy", "RoutingConnection", "RoutingCursor"]
 
 AConn = Connection[Any]
 
@@ -471,7 +471,51 @@ class RoutingConnection:
             record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
 
 
-class RoutingCursor:
+class CursorProxy:
+    """What the proxy cursors share: results are read from the server cursor that ran
+    the last statement (``self._cursor``, None before the first execute)."""
+
+    _cursor: Any
+
+    def _raw_cursor(self) -> Cursor[Any]:
+        if self._cursor is None:
+            raise psycopg.ProgrammingError("no statement executed yet")
+        cursor: Cursor[Any] = self._cursor
+        return cursor
+
+    def fetchone(self) -> Any:
+        return self._raw_cursor().fetchone()
+
+    def fetchmany(self, size: int = 0) -> list[Any]:
+        return self._raw_cursor().fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        return self._raw_cursor().fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._raw_cursor().__iter__()
+
+    def close(self) -> None:
+        if self._cursor is not None:
+            self._cursor.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # description, rowcount, nextset(), scroll(), statusmessage, ...
+        return getattr(self._raw_cursor(), name)
+
+
+class RoutingCursor(CursorProxy):
     """A cursor of a routing connection. Each ``execute`` is routed on its own; the
     results are read from the server cursor of the host that ran it."""
 
@@ -484,12 +528,6 @@ class RoutingCursor:
         self._named = bool(args) or bool(kwargs.get("name"))
         self._cursor: Any = None
         self._host: Host | None = None
-
-    def _raw_cursor(self) -> Cursor[Any]:
-        if self._cursor is None:
-            raise psycopg.ProgrammingError("no statement executed yet")
-        cursor: Cursor[Any] = self._cursor
-        return cursor
 
     def _bind(self, conn: AConn) -> Any:
         if self._cursor is not None and self._cursor.connection is conn:
@@ -555,37 +593,6 @@ class RoutingCursor:
         for row in cursor.stream(query, params, **kwargs):  # noqa: RUF100, UP028
             yield row
         routing._after_statement(host, conn, c)
-
-    def fetchone(self) -> Any:
-        return self._raw_cursor().fetchone()
-
-    def fetchmany(self, size: int = 0) -> list[Any]:
-        return self._raw_cursor().fetchmany(size)
-
-    def fetchall(self) -> list[Any]:
-        return self._raw_cursor().fetchall()
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._raw_cursor().__iter__()
-
-    def close(self) -> None:
-        if self._cursor is not None:
-            self._cursor.close()
-
-    def __enter__(self) -> RoutingCursor:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # description, rowcount, nextset(), scroll(), statusmessage, ...
-        return getattr(self._raw_cursor(), name)
 
 
 def _replay(conn: AConn, statements: list[tuple[Any, Any]]) -> None:
