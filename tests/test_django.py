@@ -409,3 +409,37 @@ def test_server_side_sticking_for_authenticated_users(
             response = reader.get(f"/api/signatures/{created.json()['id']}/")
             missing += response.status_code != 200
         assert missing == 0
+
+
+def test_asgi_requests_route_and_keep_read_your_writes(
+    project: None, healthy_cluster: LocalCluster
+) -> None:
+    """Through Django's ASGI handler (AsyncClient): the contextvar state follows each
+    request across the sync/async boundary."""
+    import asyncio
+
+    from django.test import AsyncClient
+
+    healthy_cluster.lag(1, "300ms")
+    healthy_cluster.lag(2, "300ms")
+
+    async def main() -> dict[str, int]:
+        missing = {"token": 0, "none": 0}
+        for i in range(8):
+            for carrier in missing:
+                created = await AsyncClient().post(
+                    "/api/signatures/",
+                    {"name": new_name(f"asgi{i}")},
+                    content_type="application/json",
+                )
+                headers = {"X-PgReplica-Token": created.headers["X-PgReplica-Token"]}
+                response = await AsyncClient().get(
+                    f"/api/signatures/{created.json()['id']}/",
+                    headers=headers if carrier == "token" else {},
+                )
+                missing[carrier] += response.status_code != 200
+        return missing
+
+    missing = asyncio.run(main())
+    assert missing["token"] == 0
+    assert missing["none"] > 0  # control: without the token the replica read is stale
