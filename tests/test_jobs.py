@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -167,7 +168,7 @@ def test_capture_without_a_reachable_primary_gives_no_token(
         "postgresql://127.0.0.1:9/none", ["postgresql://127.0.0.1:10/none"], connect_timeout=0.3
     )
     try:
-        with caplog.at_level(logging.WARNING, logger="pgreplica.jobs"):
+        with caplog.at_level(logging.WARNING, logger="pgreplica.jobs"), lb.isolated():
             assert capture(lb) == {}
         assert "job_capture_failed host=127.0.0.1:9/none" in caplog.text
         assert start_job(lb, "sticky", {}, enabled=True).outcome == PRIMARY_NO_WAL
@@ -302,6 +303,34 @@ def test_a_database_without_replicas_runs_on_the_primary_without_retry(
         for kind in ("sticky", "delayed"):
             decision = start_job(primary_only, kind, headers, enabled=True)
             assert (decision.outcome, decision.waited) == (PRIMARY, 0.0)
+
+
+def test_the_first_jobs_of_a_fresh_worker_find_the_replicas(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """Threads starting jobs on a balancer nobody opened yet all wait for its first
+    probes: none decides "primary" (or a needless retry) for lack of a known replica."""
+    _, headers = enqueue_after_write(lb)
+    healthy_cluster.wait_replayed()
+    fresh = pgreplica.LoadBalancer(config=healthy_cluster.config())
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def job() -> None:
+        barrier.wait()
+        outcomes.append(
+            start_job(fresh, "sticky", headers, wait=WaitPolicy(0), enabled=True).outcome
+        )
+
+    threads = [threading.Thread(target=job) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        fresh.close()
+    assert outcomes == [REPLICA] * 8
 
 
 def test_wait_policy_is_configurable(

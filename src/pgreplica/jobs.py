@@ -579,10 +579,20 @@ def start_job(
         if needs is None:
             outcome = PRIMARY
         else:
-            lb.open()
+            _ready(lb)
             caught_up, waited = _wait_caught_up(lb, needs, policy)
             outcome = _late_outcome(kind, attempt, caught_up, can_retry)
     return _finish(job, kind, outcome, token, attempt, waited)
+
+
+def _ready(lb: LoadBalancer) -> None:
+    """Open the balancer and wait (at most ``connect_timeout``) for its first probes.
+
+    ``lb.open()`` alone returns at once in a thread that finds another thread opening
+    the balancer, before any replica is known: the first jobs of a worker would then
+    all see an empty read set and go to the primary, or be retried for nothing."""
+    lb.open()
+    lb._prober.first_round.wait(lb.settings.connect_timeout)
 
 
 def _wait_caught_up(
@@ -687,10 +697,19 @@ async def astart_job(
         if needs is None:
             outcome = PRIMARY
         else:
-            await lb.open()
+            await _aready(lb)
             caught_up, waited = await _await_caught_up(lb, needs, policy)
             outcome = _late_outcome(kind, attempt, caught_up, can_retry)
     return _finish(job, kind, outcome, token, attempt, waited)
+
+
+async def _aready(lb: AsyncLoadBalancer) -> None:
+    """:func:`_ready` for asyncio (polls: the prober's event is a thread event)."""
+    await lb.open()
+    first_round = lb._prober.first_round
+    deadline = time.monotonic() + lb.settings.connect_timeout
+    while not first_round.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 async def _await_caught_up(
