@@ -64,7 +64,12 @@ def get_lb() -> pgreplica.LoadBalancer:
             config = _config
             if config is None:
                 config = json.loads(os.environ["PGREPLICA_TEST_CONFIG"])
-            _lb = pgreplica.LoadBalancer(config=config)
+            lb = pgreplica.LoadBalancer(config=config)
+            # Opened under the lock: a thread that found another one opening the
+            # balancer would not wait for the first probes, and its reads would go to
+            # the primary (no replica known yet), hiding the control's stale reads.
+            lb.open()
+            _lb = lb
         return _lb
 
 
