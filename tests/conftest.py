@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pgreplica.context import isolated
 from pgreplica.testing import LocalCluster, make_cluster_directory
 
 # Session-scoped Redis server (tests/redis_server.py) for the sticking tests.
@@ -58,3 +59,11 @@ def scratch_cluster() -> Iterator[LocalCluster]:
 
 
 # More shared fixtures go below.
+
+
+@pytest.fixture(autouse=True)
+def _isolated_routing_state() -> Iterator[None]:
+    """Each test starts from an empty routing state in pytest's thread, whatever an
+    earlier test wrote outside lb.isolated()."""
+    with isolated():
+        yield

@@ -66,7 +66,8 @@ class LoadBalancer(BalancerBase):
         super().__init__(build_settings(config, primary, replicas, options))
         self._pools: dict[Host, ConnectionPool[AConn]] = {}
         self._open_lock = threading.Lock()
-        self._opened = False
+        self._started = False  # pools open and prober running
+        self._opened = False  # ... and the first probes done (or waited for)
         self._closed = False
         self._prober = self._router.make_prober()
         self._prober_runner: Any = None
@@ -86,21 +87,23 @@ class LoadBalancer(BalancerBase):
         if self._opened:
             return
         with self._open_lock:
-            if self._opened:
-                return
             if self._closed:
                 raise PgReplicaError("the load balancer is closed")
-            for host in self._router.hosts.values():
-                pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
-                pool.open(wait=False)
-                self._pools[host] = pool
-                host.on_down = self._drain
-            self._start_prober()
-            self._opened = True
+            if not self._started:
+                for host in self._router.hosts.values():
+                    pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+                    pool.open(wait=False)
+                    self._pools[host] = pool
+                    host.on_down = self._drain
+                self._start_prober()
+                self._started = True
         if wait:
+            # Every caller waits here, not only the one that started the prober: until
+            # `_opened` is set, concurrent first users all come through this path.
             deadline = time.monotonic() + self.settings.connect_timeout
             while not self._prober.first_round.is_set() and time.monotonic() < deadline:
                 time.sleep(_POLL_FIRST)
+        self._opened = True
 
     def close(self) -> None:
         """Stop the prober and close every pool."""
@@ -108,6 +111,7 @@ class LoadBalancer(BalancerBase):
             if self._closed:
                 return
             self._closed = True
+            self._opened = False  # later use raises "closed" instead of a KeyError
             if self._prober_runner is not None:
                 self._stop_prober()
             for pool in self._pools.values():
