@@ -132,6 +132,35 @@ def test_capture_after_a_pure_read_covers_what_was_read(
         assert read_row(lb, key) == (1, True)
 
 
+def test_capture_after_replica_reads_lets_jobs_use_lagging_replicas(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """Replicas paused behind the primary: code that only read from them enqueues a job
+    with their replay position (what it saw), so the job may run on them; the same job
+    enqueued by code that read nothing needs the primary's position and cannot."""
+    key, _ = enqueue_after_write(lb)
+    healthy_cluster.wait_replayed()
+    healthy_cluster.pause(1)
+    healthy_cluster.pause(2)
+    with lb.isolated(), lb.write() as conn:  # another user's write the replicas lack
+        conn.execute("CREATE TEMP TABLE jobs_lag_marker (x int)")
+    with lb.isolated():
+        with lb.read() as conn:
+            assert conn.on_replica
+            assert conn.execute(SELECT_SQL, (key,)).fetchone() == (1,)
+        after_read = capture(lb)
+    with lb.isolated():
+        after_nothing = capture(lb)
+    replica_seen = CausalToken.from_dict(after_read).get("main")
+    assert replica_seen < CausalToken.from_dict(after_nothing).get("main")
+    fast = start_job(lb, "sticky", after_read, enabled=True, wait=(0, 0.0))
+    assert fast.outcome == REPLICA
+    with fast.scope:
+        assert read_row(lb, key) == (1, True)
+    slow = start_job(lb, "sticky", after_nothing, enabled=True, wait=(0, 0.0))
+    assert slow.outcome == PRIMARY
+
+
 def test_capture_with_nothing_done_is_the_primarys_current_position(
     lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
 ) -> None:

@@ -23,6 +23,7 @@ PACKAGE = ROOT / "src" / "pgreplica"
 FILES = {
     PACKAGE / "_balancer_async.py": PACKAGE / "_balancer_sync.py",
     PACKAGE / "_routing_async.py": PACKAGE / "_routing_sync.py",
+    PACKAGE / "_jobs_async.py": PACKAGE / "_jobs_sync.py",
 }
 
 HEADER = '''"""GENERATED from ``{source}`` by ``tools/gen_sync.py``: the sync twin of
@@ -48,6 +49,7 @@ _REPLACEMENTS: list[tuple[str, str]] = [
     (r"\(asyncio\)", "(threads)"),
     (r"_routing_async", "_routing_sync"),
     (r"_balancer_async", "_balancer_sync"),
+    (r"_jobs_async", "_jobs_sync"),
 ]
 
 

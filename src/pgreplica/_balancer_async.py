@@ -42,7 +42,7 @@ from pgreplica.balancer import (
     query_text,
 )
 from pgreplica.config import Settings
-from pgreplica.context import current_state, record_write
+from pgreplica.context import current_state, note_read, record_write
 from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, error_reason
 
@@ -420,6 +420,7 @@ class _AsyncReadUnit:
         self._host = host
         self._conn = conn
         self.reason = reason
+        note_read(state, route.name, host)
         log_routed(host, reason, route.name)
         return AsyncReadConnection(self)
 
@@ -471,6 +472,7 @@ class _AsyncReadUnit:
         self._host = new_host
         self._conn = conn
         self.reason = reason
+        note_read(current_state(), route.name, new_host)
         log_routed(new_host, reason, route.name)
         return conn
 

@@ -34,7 +34,7 @@ from pgreplica.balancer import (
     query_text,
 )
 from pgreplica.config import Settings
-from pgreplica.context import current_state, record_write
+from pgreplica.context import current_state, note_read, record_write
 from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, ProberThread, error_reason
 from pgreplica.lsn import CausalToken, parse_lsn
@@ -389,6 +389,7 @@ class _ReadUnit:
         self._host = host
         self._conn = conn
         self.reason = reason
+        note_read(state, route.name, host)
         log_routed(host, reason, route.name)
         return ReadConnection(self)
 
@@ -440,6 +441,7 @@ class _ReadUnit:
         self._host = new_host
         self._conn = conn
         self.reason = reason
+        note_read(current_state(), route.name, new_host)
         log_routed(new_host, reason, route.name)
         return conn
 

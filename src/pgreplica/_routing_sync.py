@@ -19,7 +19,7 @@ from pgreplica.balancer import (
     log_fallback,
     log_routed,
 )
-from pgreplica.context import current_state, record_write
+from pgreplica.context import current_state, note_read, record_write
 from pgreplica.errors import PgReplicaError
 from pgreplica.health import Host
 from pgreplica.lsn import CausalToken, parse_lsn
@@ -288,6 +288,7 @@ class RoutingConnection:
                 self._pin_if_in_transaction(host)
                 raise
         self.host, self.reason = host.label, reason
+        note_read(current_state(), self._route.name, host)
         log_routed(host, reason, self._route.name)
         self._after_statement(host, conn, c)
         return host, conn

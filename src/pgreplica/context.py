@@ -21,7 +21,7 @@ __all__ = ["RouteState", "Scope", "current_state", "record_write"]
 class RouteState:
     """Immutable routing state of one context."""
 
-    __slots__ = ("read_only", "token", "use_primary", "written")
+    __slots__ = ("read_from", "read_only", "token", "use_primary", "written")
 
     token: CausalToken
     """The positions reads must see: adopted tokens merged with this context's writes."""
@@ -32,6 +32,9 @@ class RouteState:
     read_only: bool
     """Transactions started by a routing connection are read-only and may be pinned to
     a caught-up replica (``lb.read_only()``)."""
+    read_from: frozenset[tuple[str, object]]
+    """(database, host) pairs this context has read from: a job enqueued now must see
+    at least what those hosts had replayed (:func:`pgreplica.jobs.capture`)."""
 
     def __init__(
         self,
@@ -39,11 +42,13 @@ class RouteState:
         written: CausalToken,
         use_primary: bool,
         read_only: bool = False,
+        read_from: frozenset[tuple[str, object]] = frozenset(),
     ) -> None:
         self.token = token
         self.written = written
         self.use_primary = use_primary
         self.read_only = read_only
+        self.read_from = read_from
 
     def __repr__(self) -> str:
         return (
@@ -63,9 +68,28 @@ def record_write(positions: CausalToken) -> None:
     state = _STATE.get()
     _STATE.set(
         RouteState(
-            state.token | positions, state.written | positions, state.use_primary, state.read_only
+            state.token | positions,
+            state.written | positions,
+            state.use_primary,
+            state.read_only,
+            state.read_from,
         )
     )
+
+
+def note_read(state: RouteState, database: str, host: object) -> None:
+    """The current context (whose state is ``state``) read ``database`` on ``host``."""
+    pair = (database, host)
+    if pair not in state.read_from:
+        _STATE.set(
+            RouteState(
+                state.token,
+                state.written,
+                state.use_primary,
+                state.read_only,
+                state.read_from | {pair},
+            )
+        )
 
 
 class Scope:
@@ -97,7 +121,7 @@ class Scope:
         token = state.token | self._adopt if self._adopt is not None else state.token
         use_primary = state.use_primary if self._use_primary is None else self._use_primary
         read_only = state.read_only if self._read_only is None else self._read_only
-        new = RouteState(token, state.written, use_primary, read_only)
+        new = RouteState(token, state.written, use_primary, read_only, state.read_from)
         _STATE.set(new)
         return new
 
@@ -111,10 +135,15 @@ class Scope:
         if self._isolate:
             _STATE.set(saved)
             return
-        written = _STATE.get().written
+        inner = _STATE.get()
+        written = inner.written
         _STATE.set(
             RouteState(
-                saved.token | written, saved.written | written, saved.use_primary, saved.read_only
+                saved.token | written,
+                saved.written | written,
+                saved.use_primary,
+                saved.read_only,
+                saved.read_from | inner.read_from,  # what was read stays read, as writes
             )
         )
 
