@@ -43,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_module.add_arguments(demo)
     demo.set_defaults(handler=demo_module.run)
-    # Further top-level commands (dump) are added here, each with
+    dump = commands.add_parser(
+        "dump",
+        help="consistent export from a replica, only the columns a visibility file allows",
+        description="Export the tables a visibility file lists from a healthy replica, in "
+        "one snapshot; or check an export with --verify (see docs/dump.md).",
+    )
+    from pgreplica import dump as dump_module
+
+    dump_module.add_arguments(dump)
+    dump.set_defaults(handler=dump_module.run)
+    # Further top-level commands are added here, each with
     # commands.add_parser(...) and set_defaults(handler=...).
     return parser
 
