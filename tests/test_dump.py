@@ -180,8 +180,8 @@ def on_primary(cluster: LocalCluster, sql: str) -> None:
         conn.execute(sql)
 
 
-def replica_rows(cluster: LocalCluster, sql: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_dsn(cluster, 1), autocommit=True) as conn:
+def replica_rows(cluster: LocalCluster, sql: str, replica: int = 1) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_dsn(cluster, replica), autocommit=True) as conn:
         return conn.execute(sql).fetchall()
 
 
@@ -347,6 +347,30 @@ def test_jobs_4_export_the_same_data_as_jobs_1(
         assert sorted(a.splitlines()) == sorted(b.splitlines()), name
     for name in ("schema.sql", "import.sql"):
         assert (one.out / name).read_text() == (four.out / name).read_text()
+
+
+def test_a_failure_mid_export_stops_every_worker_and_leaves_nothing(
+    dumpdb: LocalCluster, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One table's filter divides by zero when its rows are read (planning is fine) while
+    other workers copy: the error is reported, no file or staging directory remains, and
+    no dump connection is left on the replicas."""
+    vis = write(
+        tmp_path,
+        VISIBILITY.replace(
+            "[tables.order_counter]\n", '[tables.order_counter]\nfilter = "1 / (n - n) = 0"\n'
+        ),
+    )
+    out = tmp_path / "dump"
+    code, _, stderr = run_cli([*base_argv(config, vis), "--out", str(out), "--jobs", "4"], capsys)
+    assert code == 1 and "division by zero" in stderr, stderr
+    assert sorted(tmp_path.iterdir()) == sorted([config, vis])
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgreplica-dump'"
+    for replica in (1, 2):
+        deadline = time.monotonic() + 5  # a closed session's backend exits a moment later
+        while (left := replica_rows(dumpdb, sql, replica)) != [(0,)]:
+            assert time.monotonic() < deadline, (replica, left)
+            time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------- visibility and keys

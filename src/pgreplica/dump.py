@@ -39,19 +39,21 @@ import os
 import queue
 import re
 import secrets
+import selectors
 import shutil
 import sys
 import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import pglast
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import make_conninfo
 
 from pgreplica.balancer import Router
@@ -1140,21 +1142,72 @@ def _copy_table(
     failed: threading.Event,
 ) -> None:
     started = time.monotonic()
-    rows = nbytes = 0
     name = table.qualified
-    with path.open("wb", buffering=1 << 20) as fh, conn.cursor() as cur:
-        with cur.copy(table.copy_sql()) as copy:
-            for chunk in copy:  # one CSV row per chunk; the first is the header
-                fh.write(chunk)
-                nbytes += len(chunk)
-                rows += 1
-                if rows % _PROGRESS_EVERY_ROWS == 0:
-                    if failed.is_set():
-                        raise DumpError("cancelled")
-                    report.advance(name, rows - 1, nbytes)
-        table.rows = cur.rowcount
-    table.bytes = nbytes
+
+    def progress(rows: int, nbytes: int) -> None:
+        if failed.is_set():
+            raise DumpError("cancelled: another worker failed")
+        report.advance(name, rows, nbytes)
+
+    with path.open("wb", buffering=1 << 20) as fh:
+        table.rows, table.bytes = copy_out(conn, table.copy_sql(), fh.write, progress)
     table.seconds = time.monotonic() - started
+
+
+def copy_out(
+    conn: psycopg.Connection[Any],
+    statement: str,
+    write: Callable[[bytes | memoryview], object],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """Run ``COPY ... TO STDOUT`` and hand every chunk to ``write``: (rows, bytes).
+
+    This drives libpq directly (``PQgetCopyData`` in non-blocking mode, waiting on the
+    socket between bursts) instead of iterating a psycopg ``Copy``: the per-row Python
+    cost is a third of that, which is most of the client's time in an export. Waiting in
+    ``select`` lets the other workers' threads run. ``rows`` is the server's count (the
+    command tag); ``progress(rows so far, bytes so far)`` is called every few thousand
+    rows and may raise to stop.
+    """
+    pgconn = conn.pgconn
+    encoding = conn.info.encoding
+    with conn.lock:
+        pgconn.send_query(statement.encode(encoding))
+        result = pgconn.get_result()
+        if result is None or result.status != pq.ExecStatus.COPY_OUT:
+            _drain_results(pgconn)
+            if result is None:
+                raise DumpError(f"no result for {statement[:60]}")
+            raise psycopg.errors.error_from_result(result, encoding=encoding)
+        rows = nbytes = 0
+        # An exception in here leaves the connection mid-COPY: the callers close it.
+        with selectors.DefaultSelector() as selector:
+            selector.register(pgconn.socket, selectors.EVENT_READ)
+            while True:
+                size, data = pgconn.get_copy_data(1)
+                if size > 0:
+                    write(data)
+                    nbytes += size
+                    rows += 1
+                    if progress is not None and rows % _PROGRESS_EVERY_ROWS == 0:
+                        progress(rows - 1, nbytes)  # the first chunk is the header
+                elif size == 0:
+                    selector.select(timeout=1.0)
+                    pgconn.consume_input()
+                else:
+                    break
+        result = pgconn.get_result()
+        _drain_results(pgconn)
+        if result is None or result.status != pq.ExecStatus.COMMAND_OK:
+            if result is None:
+                raise DumpError(f"no result for {statement[:60]}")
+            raise psycopg.errors.error_from_result(result, encoding=encoding)
+        return result.command_tuples or 0, nbytes
+
+
+def _drain_results(pgconn: pq.abc.PGconn) -> None:
+    while pgconn.get_result() is not None:
+        pass
 
 
 def _header(kind: str, plan: _Plan, db_name: str, source: _Source) -> list[str]:
