@@ -1080,9 +1080,10 @@ def _copy_all(
 
     def worker(number: int) -> None:
         conn = leader
+        own: psycopg.Connection[Any] | None = None
         try:
             if number:
-                conn = _connect(source.conninfo, APPLICATION_NAME, settings)
+                conn = own = _connect(source.conninfo, APPLICATION_NAME, settings)
                 with lock:
                     connections.append(conn)
                     if failed.is_set():
@@ -1109,8 +1110,8 @@ def _copy_all(
                     with contextlib.suppress(Exception):
                         other.cancel_safe(timeout=5)
         finally:
-            if number:
-                conn.close()
+            if own is not None:
+                own.close()
 
     threads = [
         threading.Thread(target=worker, args=(n,), name=f"pgreplica-dump-{n}", daemon=True)
