@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/python -m bench.failover
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.classify
+	$(BIN)/python -m bench.dump
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache
