@@ -118,10 +118,7 @@ class AsyncRoutingConnection:
     # sync-only:     self.set_autocommit(value)
 
     async def set_autocommit(self, value: bool) -> None:
-        self._check_no_transaction("autocommit")
-        self._autocommit = bool(value)
-        for conn in self._conns.values():
-            await conn.set_autocommit(self._autocommit)
+        await self._set_characteristic("autocommit", bool(value))
 
     @property
     def read_only(self) -> bool | None:
@@ -132,10 +129,7 @@ class AsyncRoutingConnection:
     # sync-only:     self.set_read_only(value)
 
     async def set_read_only(self, value: bool | None) -> None:
-        self._check_no_transaction("read_only")
-        self._read_only = value
-        for conn in self._conns.values():
-            await conn.set_read_only(value)
+        await self._set_characteristic("read_only", value)
 
     @property
     def isolation_level(self) -> Any:
@@ -146,10 +140,7 @@ class AsyncRoutingConnection:
     # sync-only:     self.set_isolation_level(value)
 
     async def set_isolation_level(self, value: Any) -> None:
-        self._check_no_transaction("isolation_level")
-        self._isolation_level = value
-        for conn in self._conns.values():
-            await conn.set_isolation_level(value)
+        await self._set_characteristic("isolation_level", value)
 
     @property
     def deferrable(self) -> bool | None:
@@ -160,10 +151,14 @@ class AsyncRoutingConnection:
     # sync-only:     self.set_deferrable(value)
 
     async def set_deferrable(self, value: bool | None) -> None:
-        self._check_no_transaction("deferrable")
-        self._deferrable = value
+        await self._set_characteristic("deferrable", value)
+
+    async def _set_characteristic(self, name: str, value: Any) -> None:
+        """Set a psycopg connection characteristic here and on every held connection."""
+        self._check_no_transaction(name)
+        setattr(self, f"_{name}", value)
         for conn in self._conns.values():
-            await conn.set_deferrable(value)
+            await getattr(conn, f"set_{name}")(value)
 
     def _check_no_transaction(self, what: str) -> None:
         if self._pinned is not None:

@@ -101,10 +101,7 @@ class RoutingConnection:
         self.set_autocommit(value)
 
     def set_autocommit(self, value: bool) -> None:
-        self._check_no_transaction("autocommit")
-        self._autocommit = bool(value)
-        for conn in self._conns.values():
-            conn.set_autocommit(self._autocommit)
+        self._set_characteristic("autocommit", bool(value))
 
     @property
     def read_only(self) -> bool | None:
@@ -115,10 +112,7 @@ class RoutingConnection:
         self.set_read_only(value)
 
     def set_read_only(self, value: bool | None) -> None:
-        self._check_no_transaction("read_only")
-        self._read_only = value
-        for conn in self._conns.values():
-            conn.set_read_only(value)
+        self._set_characteristic("read_only", value)
 
     @property
     def isolation_level(self) -> Any:
@@ -129,10 +123,7 @@ class RoutingConnection:
         self.set_isolation_level(value)
 
     def set_isolation_level(self, value: Any) -> None:
-        self._check_no_transaction("isolation_level")
-        self._isolation_level = value
-        for conn in self._conns.values():
-            conn.set_isolation_level(value)
+        self._set_characteristic("isolation_level", value)
 
     @property
     def deferrable(self) -> bool | None:
@@ -143,10 +134,14 @@ class RoutingConnection:
         self.set_deferrable(value)
 
     def set_deferrable(self, value: bool | None) -> None:
-        self._check_no_transaction("deferrable")
-        self._deferrable = value
+        self._set_characteristic("deferrable", value)
+
+    def _set_characteristic(self, name: str, value: Any) -> None:
+        """Set a psycopg connection characteristic here and on every held connection."""
+        self._check_no_transaction(name)
+        setattr(self, f"_{name}", value)
         for conn in self._conns.values():
-            conn.set_deferrable(value)
+            getattr(conn, f"set_{name}")(value)
 
     def _check_no_transaction(self, what: str) -> None:
         if self._pinned is not None:
