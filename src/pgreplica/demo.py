@@ -29,6 +29,8 @@ REASONS = {
     "no_healthy_replica": "primary: no replica up and within the lag bounds",
     "fallback_replica": "replica, after the first one failed mid-read",
     "fallback_primary": "primary, after a replica failed mid-read",
+    "fallback_replicas_behind": "primary, after a replica failed and none other had caught up",
+    "fallback_no_healthy_replica": "primary, after the last healthy replica failed",
 }
 
 
@@ -107,6 +109,10 @@ def _workload(
         cluster.start(2)
         print(f"injected: replica2 restarted at {args.seconds * 0.65:.1f}s", file=out)
     worker.join()
+    if cluster is not None:  # the restarted replica rejoins after its next probe
+        deadline = time.monotonic() + 10
+        while any(h.state != "up" for h in lb.status()) and time.monotonic() < deadline:
+            time.sleep(0.05)
     print("hosts after the run:", file=out)
     for status in lb.status():
         lag = "" if status.lag_bytes is None else f" lag {status.lag_bytes} B"
