@@ -1,0 +1,459 @@
+"""The dump's plan: the visibility file matched with the live catalog.
+
+Reads tables, columns, keys, indexes and foreign keys from the catalog inside the dump's
+snapshot, refuses what cannot be exported safely, orders tables parents first and gives
+each child of a filtered parent its semi-join, and prepares the DDL of ``schema.sql``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from pgreplica.dump._util import DumpError, _first_line, quote_ident, quote_literal
+from pgreplica.dump.visibility import PUBLIC, TableRule, Visibility, VisibilityError
+
+_BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+_SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+_CATALOG_SEARCH_PATH = "SET LOCAL search_path = pg_catalog, pg_temp"
+
+
+@dataclass
+class _Column:
+    name: str
+    attnum: int
+    type_sql: str
+    not_null: bool
+    public: bool = False
+
+
+@dataclass
+class _ForeignKey:
+    name: str
+    child: int
+    parent: int
+    child_columns: tuple[str, ...]
+    parent_columns: tuple[str, ...]
+    definition: str
+    validated: bool
+
+
+@dataclass
+class _Table:
+    oid: int
+    schema: str
+    name: str
+    rule: TableRule
+    columns: list[_Column]
+    pages: int
+    estimate: int | None
+    file: str = ""
+    condition: str = ""
+    """The effective row filter: the table's own filter and the semi-joins on parents."""
+    fks: list[_ForeignKey] = field(default_factory=list)
+    rows: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def sql_name(self) -> str:
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
+
+    @property
+    def exported(self) -> list[_Column]:
+        return [c for c in self.columns if c.public]
+
+    def column_list(self) -> str:
+        return ", ".join(quote_ident(c.name) for c in self.exported)
+
+    def select_sql(self) -> str:
+        where = f" WHERE {self.condition}" if self.condition else ""
+        return f"SELECT {self.column_list()} FROM {self.sql_name} AS _pgr_0{where}"
+
+    def copy_sql(self) -> str:
+        return f"COPY ({self.select_sql()}) TO STDOUT WITH (FORMAT csv, HEADER)"
+
+
+@dataclass
+class _Plan:
+    tables: list[_Table]
+    """Parents before children."""
+    foreign_keys: list[_ForeignKey]
+    pre_data: list[str]
+    post_data: list[str]
+    unlisted: list[str]
+    warnings: list[str]
+
+
+_TABLES_SQL = """
+SELECT c.oid::int8, n.nspname, c.relname, c.relkind::text, c.relispartition,
+       c.relpages::int8, c.reltuples::float8
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s)
+"""
+_COLUMNS_SQL = """
+SELECT a.attrelid::int8, a.attnum::int, a.attname, a.attnotnull,
+       CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod)
+            ELSE format_type(a.atttypid, a.atttypmod) END,
+       elem.oid::int8, elem.typtype::text, elem_ns.nspname, elem.typname
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_type elem ON elem.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype
+                                     WHEN t.typelem <> 0 AND t.typlen = -1 THEN t.typelem
+                                     ELSE t.oid END
+JOIN pg_namespace elem_ns ON elem_ns.oid = elem.typnamespace
+WHERE a.attrelid = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attrelid, a.attnum
+"""
+_ENUMS_SQL = """
+SELECT t.oid::int8, format('%%I.%%I', n.nspname, t.typname),
+       array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+JOIN pg_enum e ON e.enumtypid = t.oid
+WHERE t.oid = ANY(%s)
+GROUP BY t.oid, n.nspname, t.typname
+ORDER BY 2
+"""
+_CONSTRAINTS_SQL = """
+SELECT con.conname, con.contype::text, con.conrelid::int8, con.confrelid::int8,
+       ARRAY(SELECT attname FROM unnest(con.conkey) WITH ORDINALITY k(num, i)
+             JOIN pg_attribute ON attrelid = con.conrelid AND attnum = k.num ORDER BY k.i),
+       ARRAY(SELECT attname FROM unnest(con.confkey) WITH ORDINALITY k(num, i)
+             JOIN pg_attribute ON attrelid = con.confrelid AND attnum = k.num ORDER BY k.i),
+       pg_get_constraintdef(con.oid), con.convalidated
+FROM pg_constraint con
+WHERE con.conrelid = ANY(%s) AND con.contype IN ('p', 'u', 'f')
+ORDER BY con.conrelid, con.contype, con.conname
+"""
+_INDEXES_SQL = """
+SELECT i.indrelid::int8, ic.relname, pg_get_indexdef(i.indexrelid),
+       ARRAY(SELECT DISTINCT a.attname FROM pg_attribute a
+             WHERE a.attrelid = i.indrelid AND a.attnum > 0 AND (
+                   a.attnum = ANY(i.indkey::int2[])
+                   OR EXISTS (SELECT 1 FROM pg_depend d
+                              WHERE d.classid = 'pg_class'::regclass
+                                AND d.objid = i.indexrelid
+                                AND d.refclassid = 'pg_class'::regclass
+                                AND d.refobjid = i.indrelid
+                                AND d.refobjsubid = a.attnum)))
+FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE i.indrelid = ANY(%s) AND i.indisvalid
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                  WHERE c.conindid = i.indexrelid AND c.contype IN ('p', 'u', 'x'))
+ORDER BY i.indrelid, ic.relname
+"""
+
+
+def _build_plan(conn: psycopg.Connection[Any], visibility: Visibility) -> _Plan:
+    """Match the visibility file with the live catalog, inside the dump's snapshot.
+
+    Every problem is found here, before a single row is read: tables that do not exist,
+    unclassified or unknown columns, private key columns, foreign key cycles through a
+    filtered table, and filters that do not compile (each is planned with ``EXPLAIN``).
+    """
+    source = visibility.source
+    conn.execute(_CATALOG_SEARCH_PATH)  # so that the catalog's SQL names every schema
+    schemas = sorted({r.schema for r in visibility.tables})
+    relations: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for row in conn.execute(_TABLES_SQL, (schemas,)).fetchall():
+        relations[(row[1], row[2])] = row
+
+    tables: dict[int, _Table] = {}
+    missing: list[str] = []
+    for rule in visibility.tables:
+        row = relations.get((rule.schema, rule.name))
+        if row is None or row[3] not in ("r", "p"):
+            what = "does not exist" if row is None else f"is not a table (relkind {row[3]!r})"
+            missing.append(f"{rule.setting}: {rule.qualified} {what}")
+            continue
+        oid, _, _, _, _, pages, reltuples = row
+        estimate = int(reltuples) if reltuples is not None and reltuples >= 0 else None
+        tables[oid] = _Table(oid, rule.schema, rule.name, rule, [], int(pages), estimate)
+    if missing:
+        raise VisibilityError(source, "listed tables not in the database: " + "; ".join(missing))
+    listed = {(t.schema, t.name) for t in tables.values()}
+    unlisted = sorted(
+        f"{schema}.{name}"
+        for (schema, name), row in relations.items()
+        if row[3] in ("r", "p") and not row[4] and (schema, name) not in listed
+    )
+
+    oids = list(tables)
+    user_types: list[tuple[_Column, _Table, int, str, str]] = []
+    for attrelid, attnum, name, not_null, type_sql, elem_oid, typtype, nsp, typname in conn.execute(
+        _COLUMNS_SQL, (oids,)
+    ).fetchall():
+        table = tables[attrelid]
+        if "\n" in name or "\r" in name:
+            raise DumpError(f"column {table.qualified}.{name!r}: line breaks in names are refused")
+        column = _Column(name, attnum, type_sql, not_null)
+        table.columns.append(column)
+        if nsp not in _BUILTIN_SCHEMAS:
+            user_types.append((column, table, elem_oid, typtype, f"{nsp}.{typname}"))
+
+    unclassified: list[str] = []
+    unknown: list[str] = []
+    for table in tables.values():
+        levels = table.rule.columns
+        names = {c.name for c in table.columns}
+        for column in table.columns:
+            level = levels.get(column.name)
+            if level is None:
+                unclassified.append(f"{table.qualified}.{column.name}")
+            column.public = level == PUBLIC
+        unknown += [f"{table.rule.setting}.columns.{c}" for c in levels if c not in names]
+    if unclassified:
+        raise VisibilityError(
+            source,
+            f"{len(unclassified)} column(s) not classified as public or private: "
+            + ", ".join(unclassified)
+            + " (nothing is exported by default: classify every column of an exported table)",
+        )
+    if unknown:
+        raise VisibilityError(source, "classified columns that do not exist: " + ", ".join(unknown))
+    enum_types: set[int] = set()
+    other_types: dict[str, str] = {}
+    for column, table, type_oid, typtype, type_name in user_types:
+        if not column.public:
+            continue
+        if typtype == "e":
+            enum_types.add(type_oid)
+        else:
+            other_types.setdefault(type_name, f"{table.qualified}.{column.name}")
+    for table in tables.values():
+        if not table.exported:
+            raise VisibilityError(
+                f"{source}: {table.rule.setting}", "no public column: nothing to export"
+            )
+
+    keys: list[tuple[_Table, str, str, list[str]]] = []  # primary keys and unique constraints
+    foreign_keys: list[_ForeignKey] = []
+    warnings: list[str] = []
+    problems: list[str] = []
+    for conname, contype, conrelid, confrelid, cols, fcols, definition, validated in conn.execute(
+        _CONSTRAINTS_SQL, (oids,)
+    ).fetchall():
+        table = tables[conrelid]
+        public = {c.name for c in table.exported}
+        if contype in ("p", "u"):
+            hidden = [c for c in cols if c not in public]
+            if contype == "p" and hidden:
+                problems.append(
+                    f"primary key {conname} of {table.qualified} uses private column(s) "
+                    + ", ".join(hidden)
+                )
+            elif not hidden:
+                keys.append((table, conname, definition, cols))
+            continue
+        parent = tables.get(confrelid)
+        if parent is None:
+            warnings.append(
+                f"foreign key {conname} of {table.qualified} references a table that is not "
+                "exported: left out of schema.sql"
+            )
+            continue
+        hidden = [f"{table.qualified}.{c}" for c in cols if c not in public]
+        parent_public = {c.name for c in parent.exported}
+        hidden += [f"{parent.qualified}.{c}" for c in fcols if c not in parent_public]
+        if hidden:
+            problems.append(f"foreign key {conname} uses private column(s) {', '.join(hidden)}")
+            continue
+        fk = _ForeignKey(
+            conname,
+            table.oid,
+            parent.oid,
+            tuple(cols),
+            tuple(fcols),
+            definition.replace(" NOT VALID", ""),
+            bool(validated),
+        )
+        table.fks.append(fk)
+        foreign_keys.append(fk)
+    if problems:
+        raise VisibilityError(
+            source,
+            "keys must be public (a key that is private cannot be exported, and a dump "
+            "without it cannot keep its foreign keys): " + "; ".join(problems),
+        )
+
+    ordered = _order_and_filter(tables)
+
+    used_files: set[str] = set()
+    for table in ordered:
+        base = _SAFE_FILE_CHARS.sub("_", table.qualified)
+        name, n = f"data/{base}.csv", 1
+        while name.lower() in used_files:
+            n += 1
+            name = f"data/{base}_{n}.csv"
+        used_files.add(name.lower())
+        table.file = name
+
+    pre_data: list[str] = []
+    for schema in sorted({t.schema for t in ordered} - {"public"}):
+        pre_data.append(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)};")
+    if enum_types:
+        for _, type_name, labels in conn.execute(_ENUMS_SQL, (list(enum_types),)).fetchall():
+            values = ", ".join(quote_literal(label) for label in labels)
+            pre_data.append(f"CREATE TYPE {type_name} AS ENUM ({values});")
+    for type_name, where in sorted(other_types.items()):
+        warnings.append(
+            f"type {type_name} (column {where}) is not created by import.sql: create it, "
+            "or its extension, in the target database first"
+        )
+    for table in ordered:
+        columns = ",\n".join(
+            f"    {quote_ident(c.name)} {c.type_sql}{' NOT NULL' if c.not_null else ''}"
+            for c in table.exported
+        )
+        pre_data.append(f"CREATE TABLE {table.sql_name} (\n{columns}\n);")
+
+    post_data: list[str] = []
+    for table, conname, definition, _ in keys:
+        post_data.append(
+            f"ALTER TABLE ONLY {table.sql_name} ADD CONSTRAINT {quote_ident(conname)} {definition};"
+        )
+    for relid, _, definition, columns in conn.execute(_INDEXES_SQL, (oids,)).fetchall():
+        table = tables[relid]
+        if set(columns) <= {c.name for c in table.exported}:
+            post_data.append(definition.replace(" ON ONLY ", " ON ", 1) + ";")
+    for fk in foreign_keys:
+        post_data.append(
+            f"ALTER TABLE ONLY {tables[fk.child].sql_name} ADD CONSTRAINT "
+            f"{quote_ident(fk.name)} {fk.definition};"
+        )
+    conn.execute("SET LOCAL search_path TO DEFAULT")  # filters run with the usual one
+    _check_filters(conn, ordered, visibility)
+    return _Plan(ordered, foreign_keys, pre_data, post_data, unlisted, warnings)
+
+
+def _order_and_filter(tables: dict[int, _Table]) -> list[_Table]:
+    """Order tables parents first and give each its effective row filter.
+
+    A child row whose parent row is filtered out would break its foreign key on import,
+    so a child of a filtered parent only keeps rows whose parent row is exported::
+
+        (fk IS NULL OR EXISTS (SELECT 1 FROM parent AS _pgr_1
+                               WHERE _pgr_1.key = _pgr_0.fk AND <parent's condition>))
+
+    where the parent's condition holds its own filter and, transitively, its own
+    semi-joins. A foreign key that is ``NOT VALID`` on the source gets the semi-join
+    too (its rows may already be orphans). A cycle of foreign keys that needs any of this
+    cannot be expressed with finitely nested semi-joins: it is refused.
+    """
+    components = _strongly_connected(tables)
+    conditioned: set[int] = set()
+    for component in components:  # parents first
+        members = set(component)
+        needs = any(
+            tables[oid].rule.filter is not None
+            or any(
+                not fk.validated or (fk.parent in conditioned and fk.parent not in members)
+                for fk in tables[oid].fks
+            )
+            for oid in component
+        )
+        cyclic = len(component) > 1 or any(
+            fk.parent == component[0] for fk in tables[component[0]].fks
+        )
+        if needs and cyclic:
+            names = " -> ".join(sorted(tables[oid].qualified for oid in component))
+            raise DumpError(
+                f"foreign keys form a cycle ({names}) through a filtered table: rows kept by "
+                "the filter could reference rows it drops, and semi-joins cannot follow a "
+                "cycle; export the cycle without row filters, or leave it out"
+            )
+        if needs:
+            conditioned.update(component)
+    for table in tables.values():
+        table.condition = _condition(tables, table, 0, conditioned)
+    return [
+        tables[oid]
+        for component in components
+        for oid in sorted(component, key=lambda o: tables[o].qualified)
+    ]
+
+
+def _condition(tables: dict[int, _Table], table: _Table, depth: int, conditioned: set[int]) -> str:
+    alias = f"_pgr_{depth}"
+    parts: list[str] = []
+    if table.rule.filter is not None:
+        text = table.rule.filter
+        parts.append(f"(\n{text}\n)" if "--" in text else f"({text})")
+    for fk in table.fks:
+        if fk.parent not in conditioned and fk.validated:
+            continue
+        parent = tables[fk.parent]
+        inner = f"_pgr_{depth + 1}"
+        match = [
+            f"{inner}.{quote_ident(p)} = {alias}.{quote_ident(c)}"
+            for c, p in zip(fk.child_columns, fk.parent_columns, strict=True)
+        ]
+        nested = _condition(tables, parent, depth + 1, conditioned)
+        if nested:
+            match.append(nested)
+        exists = f"EXISTS (SELECT 1 FROM {parent.sql_name} AS {inner} WHERE {' AND '.join(match)})"
+        by_name = {c.name: c for c in table.columns}
+        nullable = [
+            f"{alias}.{quote_ident(c)} IS NULL" for c in fk.child_columns if not by_name[c].not_null
+        ]
+        parts.append(f"({' OR '.join([*nullable, exists])})" if nullable else exists)
+    return " AND ".join(parts)
+
+
+def _strongly_connected(tables: dict[int, _Table]) -> list[list[int]]:
+    """Tarjan's algorithm on child -> parent edges: components come parents first."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    result: list[list[int]] = []
+    counter = 0
+
+    def visit(oid: int) -> None:
+        nonlocal counter
+        index[oid] = low[oid] = counter
+        counter += 1
+        stack.append(oid)
+        on_stack.add(oid)
+        for fk in tables[oid].fks:
+            if fk.parent not in index:
+                visit(fk.parent)
+                low[oid] = min(low[oid], low[fk.parent])
+            elif fk.parent in on_stack:
+                low[oid] = min(low[oid], index[fk.parent])
+        if low[oid] == index[oid]:
+            component: list[int] = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == oid:
+                    break
+            result.append(component)
+
+    for oid in sorted(tables, key=lambda o: tables[o].qualified):
+        if oid not in index:
+            visit(oid)
+    return result
+
+
+def _check_filters(conn: psycopg.Connection[Any], tables: list[_Table], vis: Visibility) -> None:
+    """Plan every table's query (EXPLAIN reads no row): a bad filter fails now, by name."""
+    for table in tables:
+        if not table.condition:
+            continue
+        try:
+            conn.execute(f"EXPLAIN {table.select_sql()}")
+        except psycopg.Error as exc:
+            own = f" {table.rule.setting}.filter" if table.rule.filter else ""
+            raise VisibilityError(
+                f"{vis.source}:{own or ' ' + table.rule.setting}",
+                f"the row filter of {table.qualified} does not compile: {_first_line(exc)}",
+            ) from None
