@@ -58,7 +58,8 @@ def test_autocommit_routes_each_statement(
         assert count is not None and count[0] >= 1
         row = conn.execute("SELECT nextval('rc_items_id_seq'), inet_server_port()").fetchone()
         assert row is not None and row[1] == primary and conn.reason == "sequence_function"
-        row = conn.execute("SELECT rc_stable(1), inet_server_port()").fetchone()
+        with lb.isolated():  # no token: nothing makes the replica wait for our insert
+            row = conn.execute("SELECT rc_stable(1), inet_server_port()").fetchone()
         assert row is not None and row[1] in replicas  # STABLE user function: replica
         row = conn.execute("SELECT rc_volatile_reader(1), inet_server_port()").fetchone()
         assert row is not None and row[1] == primary and conn.reason == "volatile_function"
@@ -118,6 +119,9 @@ def test_transactions_pin_one_host(
         conn.execute("INSERT INTO rc_items (v) VALUES ('tx')")
         assert port(conn) == primary and conn.reason == "pinned"
         conn.commit()
+        # The commit advanced the token; once the replicas have replayed it a read-only
+        # transaction may use one (before that, the primary would be right too).
+        healthy_cluster.wait_replayed()
         with lb.read_only():  # ...unless it is read-only
             assert port(conn) in replicas and conn.reason == "read_only_transaction"
             assert port(conn) in replicas and conn.reason == "pinned"

@@ -31,6 +31,7 @@ from pgreplica.balancer import (
     COMMIT_SQL,
     FUNCTIONS_SQL,
     LSN_SQL,
+    POOL_ERRORS,
     BalancerBase,
     DatabaseRoute,
     build_settings,
@@ -108,6 +109,7 @@ class AsyncLoadBalancer(BalancerBase):
                     await pool.open(wait=False)
                     self._pools[host] = pool
                     host.on_down = self._drain
+                    host.on_up = self._renew_pool
                 self._start_prober()
                 self._started = True
         if wait:
@@ -148,7 +150,33 @@ class AsyncLoadBalancer(BalancerBase):
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    def _renew_pool(self, host: Host) -> None:
+        # A host back up: a new pool connects at once, where the old one could still be
+        # waiting out its own reconnection backoff (up to minutes) while reads time out.
+        task = asyncio.ensure_future(self._replace_pool(host))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _replace_pool(self, host: Host) -> None:
+        old = self._pools.get(host)
+        if old is None or self._closed:
+            return
+        pool: AsyncConnectionPool[AConn] = AsyncConnectionPool(**self._pool_kwargs(host))
+        await pool.open(wait=False)
+        self._pools[host] = pool
+        await old.close()
+
     # async-only-end
+    # sync-only: def _renew_pool(self, host: Host) -> None:
+    # sync-only:     old = self._pools.get(host)
+    # sync-only:     if old is None or self._closed:
+    # sync-only:         return
+    # sync-only:     pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+    # sync-only:     pool.open(wait=False)
+    # sync-only:     self._pools[host] = pool
+    # sync-only:     # Closing joins the pool's workers: not in the prober's thread.
+    # sync-only:     threading.Thread(target=old.close, name="pgreplica-pool-close").start()
+    # sync-only:
     # sync-only: def _drain(self, host: Host) -> None:
     # sync-only:     pool = self._pools.get(host)
     # sync-only:     if pool is not None:
@@ -260,14 +288,18 @@ class AsyncLoadBalancer(BalancerBase):
         return await self._pools[host].getconn(timeout=self.settings.connect_timeout)
 
     async def _checkin(self, host: Host, conn: AConn) -> None:
-        pool = self._pools.get(host)
-        if pool is None:  # the balancer was closed meanwhile
+        # Back to the pool it came from: a host's pool may have been renewed meanwhile
+        # (a closed pool closes the connection).
+        pool = getattr(conn, "_pool", None)
+        if pool is None:
             await conn.close()
         else:
             await pool.putconn(conn)
 
     def _host_failed(self, host: Host, exc: BaseException) -> None:
         """A request saw ``host`` fail with a connection error."""
+        if isinstance(exc, POOL_ERRORS):
+            return  # no connection in time: a busy pool, not proof of a sick host
         if host.configured_primary:
             # Drop the pool's connections (they may predate a restart) but let the
             # prober decide whether the primary is down: one stale connection must not
@@ -308,8 +340,7 @@ class AsyncLoadBalancer(BalancerBase):
                 try:
                     return host, await self._checkout(host), "replica"
                 except CHECKOUT_ERRORS as exc:
-                    if isinstance(exc, psycopg.OperationalError):
-                        self._host_failed(host, exc)
+                    self._host_failed(host, exc)
                     log_fallback(host, exc, "connect_failed")
                     excluded.add(host)
                     continue
@@ -318,8 +349,7 @@ class AsyncLoadBalancer(BalancerBase):
                     try:
                         conn = await self._checkout(host)
                     except CHECKOUT_ERRORS as exc:
-                        if isinstance(exc, psycopg.OperationalError):
-                            self._host_failed(host, exc)
+                        self._host_failed(host, exc)
                         excluded.add(host)
                         continue
                     try:
@@ -354,8 +384,7 @@ class AsyncLoadBalancer(BalancerBase):
         try:
             return await self._checkout(primary)
         except CHECKOUT_ERRORS as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                self._host_failed(primary, exc)
+            self._host_failed(primary, exc)
             raise HostUnavailable(
                 f"no host can serve this read of {route.name!r}: the primary"
                 f" {primary.label} failed ({error_reason(exc)})",
@@ -614,8 +643,7 @@ class _AsyncWriteUnit:
         try:
             conn = await lb._checkout(host)
         except CHECKOUT_ERRORS as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                lb._host_failed(host, exc)
+            lb._host_failed(host, exc)
             raise PrimaryUnavailable(
                 f"primary {host.label} of {route.name!r} is unavailable ({error_reason(exc)})",
                 host=host.label,

@@ -23,6 +23,7 @@ from pgreplica.balancer import (
     COMMIT_SQL,
     FUNCTIONS_SQL,
     LSN_SQL,
+    POOL_ERRORS,
     BalancerBase,
     DatabaseRoute,
     build_settings,
@@ -95,6 +96,7 @@ class LoadBalancer(BalancerBase):
                     pool.open(wait=False)
                     self._pools[host] = pool
                     host.on_down = self._drain
+                    host.on_up = self._renew_pool
                 self._start_prober()
                 self._started = True
         if wait:
@@ -117,6 +119,16 @@ class LoadBalancer(BalancerBase):
             for pool in self._pools.values():
                 pool.close()
             self._pools.clear()
+
+    def _renew_pool(self, host: Host) -> None:
+        old = self._pools.get(host)
+        if old is None or self._closed:
+            return
+        pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+        pool.open(wait=False)
+        self._pools[host] = pool
+        # Closing joins the pool's workers: not in the prober's thread.
+        threading.Thread(target=old.close, name="pgreplica-pool-close").start()
 
     def _drain(self, host: Host) -> None:
         pool = self._pools.get(host)
@@ -229,14 +241,18 @@ class LoadBalancer(BalancerBase):
         return self._pools[host].getconn(timeout=self.settings.connect_timeout)
 
     def _checkin(self, host: Host, conn: AConn) -> None:
-        pool = self._pools.get(host)
-        if pool is None:  # the balancer was closed meanwhile
+        # Back to the pool it came from: a host's pool may have been renewed meanwhile
+        # (a closed pool closes the connection).
+        pool = getattr(conn, "_pool", None)
+        if pool is None:
             conn.close()
         else:
             pool.putconn(conn)
 
     def _host_failed(self, host: Host, exc: BaseException) -> None:
         """A request saw ``host`` fail with a connection error."""
+        if isinstance(exc, POOL_ERRORS):
+            return  # no connection in time: a busy pool, not proof of a sick host
         if host.configured_primary:
             # Drop the pool's connections (they may predate a restart) but let the
             # prober decide whether the primary is down: one stale connection must not
@@ -277,8 +293,7 @@ class LoadBalancer(BalancerBase):
                 try:
                     return host, self._checkout(host), "replica"
                 except CHECKOUT_ERRORS as exc:
-                    if isinstance(exc, psycopg.OperationalError):
-                        self._host_failed(host, exc)
+                    self._host_failed(host, exc)
                     log_fallback(host, exc, "connect_failed")
                     excluded.add(host)
                     continue
@@ -287,8 +302,7 @@ class LoadBalancer(BalancerBase):
                     try:
                         conn = self._checkout(host)
                     except CHECKOUT_ERRORS as exc:
-                        if isinstance(exc, psycopg.OperationalError):
-                            self._host_failed(host, exc)
+                        self._host_failed(host, exc)
                         excluded.add(host)
                         continue
                     try:
@@ -323,8 +337,7 @@ class LoadBalancer(BalancerBase):
         try:
             return self._checkout(primary)
         except CHECKOUT_ERRORS as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                self._host_failed(primary, exc)
+            self._host_failed(primary, exc)
             raise HostUnavailable(
                 f"no host can serve this read of {route.name!r}: the primary"
                 f" {primary.label} failed ({error_reason(exc)})",
@@ -583,8 +596,7 @@ class _WriteUnit:
         try:
             conn = lb._checkout(host)
         except CHECKOUT_ERRORS as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                lb._host_failed(host, exc)
+            lb._host_failed(host, exc)
             raise PrimaryUnavailable(
                 f"primary {host.label} of {route.name!r} is unavailable ({error_reason(exc)})",
                 host=host.label,

@@ -182,8 +182,7 @@ async def _caught_up_now(lb: AsyncLoadBalancer, route: DatabaseRoute, need: int)
         try:
             conn = await lb._checkout(host)
         except CHECKOUT_ERRORS as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                lb._host_failed(host, exc)
+            lb._host_failed(host, exc)
             continue
         try:
             if await lb._replay_lsn(host, conn) >= need:

@@ -181,8 +181,7 @@ def _caught_up_now(lb: LoadBalancer, route: DatabaseRoute, need: int) -> bool:
         try:
             conn = lb._checkout(host)
         except CHECKOUT_ERRORS as exc:
-            if isinstance(exc, psycopg.OperationalError):
-                lb._host_failed(host, exc)
+            lb._host_failed(host, exc)
             continue
         try:
             if lb._replay_lsn(host, conn) >= need:

@@ -44,12 +44,15 @@ FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE p.proname = ANY(%s)"""
 _VOLATILITY_ORDER = {"i": 0, "s": 1, "v": 2}
 
+POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
 _CONNECTION_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 
 
 def is_connection_error(exc: BaseException) -> bool:
     """A failure of the server or the connection, not of the statement."""
-    if not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+    if isinstance(exc, POOL_ERRORS) or not isinstance(
+        exc, (psycopg.OperationalError, psycopg.InterfaceError)
+    ):
         return False
     sqlstate = exc.sqlstate
     if sqlstate is None:

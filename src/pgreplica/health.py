@@ -107,6 +107,8 @@ class Host:
         self.last_error: str | None = None
         self.on_down: Callable[[Host], None] | None = None
         """Called when the host goes from up to down (the balancer drains its pool)."""
+        self.on_up: Callable[[Host], None] | None = None
+        """Called when the host comes back up (the balancer renews its pool)."""
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -143,6 +145,8 @@ class Host:
             self.last_error = None
         if was is not BreakerState.CLOSED:
             logger.info("host_online host=%s role=%s", self.label, self.role)
+            if self.on_up is not None:
+                self.on_up(self)
         if promoted and not self.configured_primary:
             logger.warning("host_promoted host=%s: out of the read set", self.label)
 
