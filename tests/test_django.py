@@ -330,12 +330,27 @@ def test_tampered_token_is_ignored(client: Any) -> None:
     assert response.status_code == 200
 
 
-def test_pytest_django_and_kill_switch_in_a_fresh_process(
-    project: None, healthy_cluster: LocalCluster
-) -> None:
+@pytest.fixture
+def fresh_cluster() -> Iterator[LocalCluster]:
+    """A cluster of its own (primary + 2 replicas) for tests that run Django in another
+    process: nothing earlier tests did to the session cluster reaches them."""
+    from pgreplica.testing import make_cluster_directory
+
+    local = LocalCluster(make_cluster_directory(), replicas=2)
+    try:
+        local.up()
+        local.execute(0, f"CREATE DATABASE {DB}")
+        local.wait_replayed()
+        yield local
+    finally:
+        local.destroy()
+
+
+def test_pytest_django_and_kill_switch_in_a_fresh_process(fresh_cluster: LocalCluster) -> None:
     """pytest-django's ``databases=[...]`` marker, and READ_REPLICA_ENABLED=false as a
     true no-op, each in its own process (Django is configured once per process)."""
-    env = {**os.environ, **example_env(healthy_cluster)}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PGREPLICA_")}
+    env = {**environ, **example_env(fresh_cluster)}
     env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLE), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [
@@ -359,11 +374,12 @@ def test_pytest_django_and_kill_switch_in_a_fresh_process(
         timeout=300,
         check=False,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-3000:]
     assert "3 passed" in result.stdout and "warning" not in result.stdout, result.stdout
     env["READ_REPLICA_ENABLED"] = "false"
     script = (
         "import django; django.setup();"
+        "from django.core.management import call_command; call_command('migrate', verbosity=0);"
         "from django.db import connections; assert list(connections.databases) == ['default'];"
         "from django.test import Client;"
         "from pgreplica.contrib.django.testing import assert_served_by_primary;"
