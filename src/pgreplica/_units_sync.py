@@ -1,0 +1,351 @@
+"""GENERATED from ``_units_async.py`` by ``tools/gen_sync.py``: the sync twin of
+the asyncio code. Do not edit; edit the asyncio file and regenerate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import Connection, Cursor
+from psycopg.pq import TransactionStatus
+
+from pgreplica._routing_sync import CursorProxy
+from pgreplica.balancer import (
+    CHECKOUT_ERRORS,
+    COMMIT_SQL,
+    LSN_SQL,
+    is_connection_error,
+    is_recovery_conflict,
+    log_fallback,
+    log_routed,
+)
+from pgreplica.context import current_state, note_read, record_write
+from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
+from pgreplica.health import Host, error_reason
+from pgreplica.lsn import CausalToken, parse_lsn
+
+if TYPE_CHECKING:
+    from pgreplica._balancer_sync import LoadBalancer
+
+__all__ = ["ReadConnection", "ReadCursor"]
+
+AConn = Connection[Any]
+
+
+class _ReadUnit:
+    """``with lb.read() as conn``: one read unit of work."""
+
+    __slots__ = (
+        "_conn",
+        "_database",
+        "_host",
+        "_lb",
+        "_max_staleness",
+        "_max_wait",
+        "_need",
+        "_route",
+        "in_transaction",
+        "reason",
+        "retried",
+        "served",
+    )
+
+    def __init__(
+        self,
+        lb: LoadBalancer,
+        database: str | None,
+        max_staleness: float | None,
+        max_wait: float | None,
+    ) -> None:
+        self._lb = lb
+        self._database = database
+        self._max_staleness = max_staleness
+        self._max_wait = lb.settings.max_wait if max_wait is None else max_wait
+        self._need = 0
+        self.in_transaction = 0
+        self.retried = False
+        self.served = False
+
+    @property
+    def host(self) -> Host:
+        return self._host
+
+    def __enter__(self) -> ReadConnection:
+        lb = self._lb
+        if not lb._opened:
+            lb.open()
+        route = self._route = lb._router.route(self._database)
+        state = current_state()
+        if state.use_primary or not route.replicas:
+            reason = "primary_scope" if state.use_primary else "no_replicas"
+            host = route.primary
+            conn = lb._primary_for_read(route, reason)
+        else:
+            self._need = 0 if self._max_staleness is not None else state.token.get(route.name)
+            host, conn, reason = lb._connect_read(
+                route, self._need, self._max_staleness, self._max_wait, set()
+            )
+        self._host = host
+        self._conn = conn
+        self.reason = reason
+        note_read(state, route.name, host)
+        log_routed(host, reason, route.name)
+        return ReadConnection(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        host = self._host
+        if exc is not None and is_connection_error(exc):
+            self._lb._host_failed(host, exc)
+        self._lb._checkin(host, self._conn)
+
+    def recover(self, exc: psycopg.Error) -> AConn:
+        """A statement failed: raise, or move the unit to another host and return its
+        connection for one retry."""
+        host = self._host
+        lb = self._lb
+        if (
+            isinstance(exc, psycopg.errors.ReadOnlySqlTransaction)
+            and host is not self._route.primary
+        ):
+            raise RoutingError(
+                f"a statement that writes was sent to replica {host.label}: use lb.write()",
+                host=host.label,
+            ) from exc
+        connection_error = is_connection_error(exc)
+        if not connection_error and not is_recovery_conflict(exc):
+            raise exc
+        if connection_error:
+            lb._host_failed(host, exc)
+        if self.retried or host is self._route.primary or self.in_transaction:
+            raise exc
+        self.retried = True
+        log_fallback(host, exc, "connection_error" if connection_error else "recovery_conflict")
+        lb._checkin(host, self._conn)
+        route = self._route
+        if self.served:
+            # Earlier statements saw this replica's data; only the primary is sure to be
+            # at least as recent, so later statements never go back in time.
+            new_host, reason = route.primary, "fallback_primary"
+            conn = lb._primary_for_read(route, reason)
+        else:
+            new_host, conn, reason = lb._connect_read(
+                route, self._need, self._max_staleness, 0.0, {host}
+            )
+            reason = f"fallback_{reason}"
+        self._host = new_host
+        self._conn = conn
+        self.reason = reason
+        note_read(current_state(), route.name, new_host)
+        log_routed(new_host, reason, route.name)
+        return conn
+
+
+class ReadConnection:
+    """The connection a read unit yields: a psycopg connection that retries a failed
+    statement once on another host. Attributes it does not define come from the
+    underlying :class:`psycopg.Connection` (``raw``)."""
+
+    __slots__ = ("_unit",)
+
+    def __init__(self, unit: _ReadUnit) -> None:
+        self._unit = unit
+
+    @property
+    def raw(self) -> AConn:
+        """The psycopg connection currently serving the unit."""
+        return self._unit._conn
+
+    @property
+    def host(self) -> str:
+        """``host:port/dbname`` of the server that serves the unit."""
+        return self._unit._host.label
+
+    @property
+    def reason(self) -> str:
+        """Why the unit went where it did (``replica``, ``replicas_behind``, ...)."""
+        return self._unit.reason
+
+    @property
+    def on_replica(self) -> bool:
+        return self._unit._host is not self._unit._route.primary
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool = False,
+    ) -> Cursor[Any]:
+        unit = self._unit
+        try:
+            cur = unit._conn.execute(query, params, prepare=prepare, binary=binary)
+        except psycopg.Error as exc:
+            conn = unit.recover(exc)
+            cur = conn.execute(query, params, prepare=prepare, binary=binary)
+        unit.served = True
+        return cur
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        """A cursor; client-side cursors retry like :meth:`execute`, named (server-side)
+        cursors are returned as they are."""
+        if args or kwargs.get("name"):
+            return self._unit._conn.cursor(*args, **kwargs)
+        return ReadCursor(self._unit, kwargs)
+
+    @contextmanager
+    def transaction(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """A transaction on the current host; statements inside are not retried (a
+        retry elsewhere would change the snapshot)."""
+        unit = self._unit
+        unit.in_transaction += 1
+        try:
+            with unit._conn.transaction(*args, **kwargs) as tx:
+                yield tx
+        finally:
+            unit.in_transaction -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unit._conn, name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.host} reason={self.reason}>"
+
+
+class ReadCursor(CursorProxy):
+    """A client-side cursor of a read unit: ``execute`` retries like the connection's."""
+
+    def __init__(self, unit: _ReadUnit, kwargs: dict[str, Any]) -> None:
+        self._unit = unit
+        self._kwargs = kwargs
+        self._cursor: Cursor[Any] = unit._conn.cursor(**kwargs)
+
+    def execute(
+        self,
+        query: Any,
+        params: Any = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> ReadCursor:
+        unit = self._unit
+        try:
+            self._cursor.execute(query, params, prepare=prepare, binary=binary)
+        except psycopg.Error as exc:
+            conn = unit.recover(exc)
+            self._cursor.close()
+            self._cursor = conn.cursor(**self._kwargs)
+            self._cursor.execute(query, params, prepare=prepare, binary=binary)
+        unit.served = True
+        return self
+
+    def executemany(self, query: Any, params_seq: Iterable[Any], **kwargs: Any) -> None:
+        unit = self._unit
+        params_list = list(params_seq)
+        try:
+            self._cursor.executemany(query, params_list, **kwargs)
+        except psycopg.Error as exc:
+            conn = unit.recover(exc)
+            self._cursor.close()
+            self._cursor = conn.cursor(**self._kwargs)
+            self._cursor.executemany(query, params_list, **kwargs)
+        unit.served = True
+
+
+class _WriteUnit:
+    """``with lb.write() as conn``: one transaction on the primary."""
+
+    __slots__ = ("_conn", "_database", "_host", "_lb", "_route")
+
+    def __init__(self, lb: LoadBalancer, database: str | None) -> None:
+        self._lb = lb
+        self._database = database
+
+    def __enter__(self) -> AConn:
+        lb = self._lb
+        if not lb._opened:
+            lb.open()
+        route = self._route = lb._router.route(self._database)
+        host = self._host = route.primary
+        if not host.up:
+            raise PrimaryUnavailable(
+                f"primary {host.label} of {route.name!r} is down ({host.last_error});"
+                " writes fail fast until a probe succeeds",
+                host=host.label,
+                reason="primary_down",
+            )
+        try:
+            conn = lb._checkout(host)
+        except CHECKOUT_ERRORS as exc:
+            lb._host_failed(host, exc)
+            raise PrimaryUnavailable(
+                f"primary {host.label} of {route.name!r} is unavailable ({error_reason(exc)})",
+                host=host.label,
+                reason="primary_unavailable",
+            ) from exc
+        try:
+            conn.set_autocommit(False)
+        except BaseException:
+            lb._checkin(host, conn)
+            raise
+        self._conn = conn
+        log_routed(host, "write", route.name)
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lb, host, conn = self._lb, self._host, self._conn
+        try:
+            if exc is not None:
+                if is_connection_error(exc):
+                    lb._host_failed(host, exc)
+                elif not conn.closed:
+                    conn.rollback()
+                return
+            self._commit(conn)
+        finally:
+            if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                conn.set_autocommit(True)
+            lb._checkin(host, conn)
+
+    def _commit(self, conn: AConn) -> None:
+        status = conn.info.transaction_status
+        if status == TransactionStatus.INERROR:
+            conn.rollback()
+            raise PgReplicaError(
+                "the transaction was aborted by an earlier error and has been rolled back"
+            )
+        try:
+            # One round trip: commit, then read the WAL position, which is at or past the
+            # end of the commit record: a replica that replayed it has the write.
+            if status == TransactionStatus.INTRANS:
+                cur = conn.execute(COMMIT_SQL)
+                cur.nextset()  # past COMMIT's result to the SELECT's
+            else:
+                cur = conn.execute(LSN_SQL)
+            row = cur.fetchone()
+        except psycopg.Error as exc:
+            if not is_connection_error(exc):
+                raise
+            self._lb._host_failed(self._host, exc)
+            raise PrimaryUnavailable(
+                f"lost the primary {self._host.label} while committing: the outcome of the"
+                " transaction is unknown",
+                host=self._host.label,
+                reason="commit_unknown",
+            ) from exc
+        if row and row[0]:
+            position = parse_lsn(row[0])
+            record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
