@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import random
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
@@ -19,6 +18,7 @@ from typing import TypeAlias, cast
 
 import psycopg
 
+from pgreplica._fork import ForkSafeLock
 from pgreplica.balancer import CHECKOUT_ERRORS, DatabaseRoute
 from pgreplica.context import RouteState, Scope
 from pgreplica.errors import ConfigError, PgReplicaError, TokenError
@@ -297,7 +297,7 @@ class Decision:
 # -- counting outcomes -------------------------------------------------------------------
 
 _OUTCOMES: Counter[tuple[str, str]] = Counter()
-_OUTCOMES_LOCK = threading.Lock()
+_OUTCOMES_LOCK = ForkSafeLock()
 
 
 def outcomes(job: str | None = None) -> Counter[str]:

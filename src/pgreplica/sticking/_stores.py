@@ -8,11 +8,11 @@ use; :class:`MemoryStickingStore` keeps the tokens in a dict behind a lock.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections import OrderedDict
 from typing import Protocol
 
+from pgreplica._fork import ForkSafeLock
 from pgreplica.errors import ConfigError, PgReplicaError
 from pgreplica.lsn import EMPTY_TOKEN, CausalToken
 
@@ -86,7 +86,7 @@ class MemoryStickingStore:
         if max_keys < 1:
             raise ConfigError("sticking.max_keys", f"must be at least 1, got {max_keys}")
         self.max_keys = max_keys
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         # key -> (positions, expires_at); ordered from least to most recently stuck.
         self._entries: OrderedDict[str, tuple[dict[str, int], float]] = OrderedDict()
         self._swept_at = -math.inf

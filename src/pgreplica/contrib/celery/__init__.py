@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import threading
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -51,6 +50,7 @@ from celery import signals
 
 from pgreplica import jobs
 from pgreplica._balancer_sync import LoadBalancer
+from pgreplica._fork import ForkSafeLock
 from pgreplica.errors import ConfigError
 from pgreplica.jobs import HEADER, DataConsistency, Decision, JobScope, JobSpec
 
@@ -159,7 +159,7 @@ class Installation:
         self.rand = rand or random.random
         self._lb_source = lb
         self._lb: LoadBalancer | None = lb if isinstance(lb, LoadBalancer) else None
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self._specs: dict[str, tuple[JobSpec, bool]] = {}
         self._active: dict[str, list[JobScope]] = {}
         self._uid = f"pgreplica-jobs-{id(self)}"

@@ -9,7 +9,6 @@ Per request: a :class:`RequestState` in a contextvar (threads and ASGI alike).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -17,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgreplica._balancer_sync import LoadBalancer
+from pgreplica._fork import ForkSafeLock
 from pgreplica.contrib.django.settings import REPLICA_ALIAS, conninfo
 from pgreplica.health import Host
 from pgreplica.sql import classify
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _integration: Integration | None = None
 
 
