@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from pgreplica._routing_async import AsyncRoutingConnection
 from pgreplica._units_async import (
@@ -34,6 +34,7 @@ from pgreplica.balancer import (
     CHECKOUT_ERRORS,
     FUNCTIONS_SQL,
     POOL_ERRORS,
+    UNKNOWN_POSITION,
     BalancerBase,
     DatabaseRoute,
     build_settings,
@@ -43,7 +44,7 @@ from pgreplica.balancer import (
     query_text,
 )
 from pgreplica.config import Settings
-from pgreplica.errors import HostUnavailable, PgReplicaError
+from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, error_reason
 
 # sync-only: from pgreplica.health import ProberThread
@@ -82,6 +83,20 @@ class AsyncLoadBalancer(BalancerBase):
         self._prober = self._router.make_prober()
         self._prober_runner: Any = None
         self._background: set[asyncio.Future[None]] = set()  # async-only
+        # sync-only: self._renew_lock = threading.Lock()
+
+    def _inherited_resources(self) -> list[Any]:
+        """After a fork: hand over the parent's pools and prober, start afresh."""
+        inherited: list[Any] = [*self._pools.values(), self._prober, self._prober_runner]
+        inherited.extend(self._background)  # async-only
+        self._background = set()  # async-only
+        self._pools = {}
+        self._open_lock = asyncio.Lock()
+        # sync-only: self._renew_lock = threading.Lock()
+        self._started = self._opened = False
+        self._prober = self._router.make_prober()
+        self._prober_runner = None
+        return inherited
 
     @classmethod
     def from_config(
@@ -95,6 +110,7 @@ class AsyncLoadBalancer(BalancerBase):
     async def open(self, *, wait: bool = True) -> None:
         """Open the pools and start the prober; with ``wait``, let the first probes
         finish (at most ``connect_timeout``) so the first reads can use replicas."""
+        self._check_pid()
         if self._opened:
             return
         async with self._open_lock:
@@ -107,7 +123,7 @@ class AsyncLoadBalancer(BalancerBase):
                     )
                     await pool.open(wait=False)
                     self._pools[host] = pool
-                    host.on_down = self._drain
+                    host.on_down = self._host_down
                     host.on_up = self._renew_pool
                 self._start_prober()
                 self._started = True
@@ -128,11 +144,37 @@ class AsyncLoadBalancer(BalancerBase):
             self._opened = False  # later use raises "closed" instead of a KeyError
             if self._prober_runner is not None:
                 await self._stop_prober()
+            await self._wait_background()
             for pool in self._pools.values():
                 await pool.close()
             self._pools.clear()
 
+    def _host_down(self, host: Host) -> None:
+        """The prober marked ``host`` down. A replica's pool is closed, which fails
+        every caller waiting for one of its connections, and the connections lent on
+        it are aborted; the primary's pool is drained (writes in flight on a slow
+        primary are left to finish). A fresh pool comes when the host is back."""
+        if host.configured_primary:
+            self._drain(host)
+            return
+        self._retire_pool(host)
+        self._abort_lent(host)
+
     # async-only-begin
+    async def _wait_background(self) -> None:
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _retire_pool(self, host: Host) -> None:
+        pool = self._pools.get(host)
+        if pool is not None and not host.up:  # not if it came back meanwhile
+            self._in_background(pool.close())
+
     def _start_prober(self) -> None:
         self._prober_runner = asyncio.ensure_future(self._prober.run())
 
@@ -145,16 +187,12 @@ class AsyncLoadBalancer(BalancerBase):
         # so that they do not fail (and mark the host down again) once it is back.
         pool = self._pools.get(host)
         if pool is not None:
-            task = asyncio.ensure_future(pool.drain())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(pool.drain())
 
     def _renew_pool(self, host: Host) -> None:
         # A host back up: a new pool connects at once, where the old one could still be
         # waiting out its own reconnection backoff (up to minutes) while reads time out.
-        task = asyncio.ensure_future(self._replace_pool(host))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._replace_pool(host))
 
     async def _replace_pool(self, host: Host) -> None:
         old = self._pools.get(host)
@@ -162,17 +200,22 @@ class AsyncLoadBalancer(BalancerBase):
             return
         pool: AsyncConnectionPool[AConn] = AsyncConnectionPool(**self._pool_kwargs(host))
         await pool.open(wait=False)
+        if self._closed or self._pools.get(host) is not old:
+            # Closed while opening (close() no longer sees this pool), or replaced.
+            await pool.close()
+            return
         self._pools[host] = pool
         await old.close()
 
     # async-only-end
-    # sync-only: def _renew_pool(self, host: Host) -> None:
-    # sync-only:     old = self._pools.get(host)
-    # sync-only:     if old is None or self._closed:
-    # sync-only:         return
-    # sync-only:     pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
-    # sync-only:     pool.open(wait=False)
-    # sync-only:     self._pools[host] = pool
+    # sync-only: def _renew_pool(self, host: Host, only: Any = None) -> None:
+    # sync-only:     with self._renew_lock:
+    # sync-only:         old = self._pools.get(host)
+    # sync-only:         if old is None or self._closed or (only is not None and old is not only):
+    # sync-only:             return
+    # sync-only:         pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+    # sync-only:         pool.open(wait=False)
+    # sync-only:         self._pools[host] = pool
     # sync-only:     # Closing joins the pool's workers: not in the prober's thread.
     # sync-only:     threading.Thread(target=old.close, name="pgreplica-pool-close").start()
     # sync-only:
@@ -180,6 +223,16 @@ class AsyncLoadBalancer(BalancerBase):
     # sync-only:     pool = self._pools.get(host)
     # sync-only:     if pool is not None:
     # sync-only:         pool.drain()
+    # sync-only:
+    # sync-only: def _retire_pool(self, host: Host) -> None:
+    # sync-only:     # Closing fails the waiting callers and joins the pool's workers (one may
+    # sync-only:     # be connecting to the hung server): not in the prober's thread.
+    # sync-only:     pool = self._pools.get(host)
+    # sync-only:     if pool is not None and not host.up:  # not if it came back meanwhile
+    # sync-only:         threading.Thread(target=pool.close, name="pgreplica-pool-close").start()
+    # sync-only:
+    # sync-only: def _wait_background(self) -> None:
+    # sync-only:     pass
     # sync-only:
     # sync-only: def _start_prober(self) -> None:
     # sync-only:     self._prober_runner = ProberThread(self._prober)
@@ -282,13 +335,33 @@ class AsyncLoadBalancer(BalancerBase):
     # -- internals shared by the units -----------------------------------------------
 
     async def _checkout(self, host: Host) -> AConn:
-        if not self._opened:
+        if not self._opened or self._pid != os.getpid():
             await self.open()
-        return await self._pools[host].getconn(timeout=self.settings.connect_timeout)
+        pool = self._pools[host]
+        try:
+            conn = await pool.getconn(timeout=self.settings.connect_timeout)
+        except PoolClosed:
+            if self._closed or not host.up:
+                raise
+            if self._pools.get(host) is pool:
+                # Up, but its pool was closed when it went down (or closed late, after
+                # the renewal): open a fresh one now rather than fail until next time.
+                await self._replace_pool(host)  # async-only
+                # sync-only: self._renew_pool(host, pool)
+            # The host came back and its pool was renewed under us: use the new one.
+            conn = await self._pools[host].getconn(timeout=self.settings.connect_timeout)
+        self._lend(host, conn)
+        if not host.up:
+            # Marked down while this connection was handed out: the abort may have
+            # missed it, and the server may not answer.
+            await self._checkin(host, conn)
+            raise PoolClosed(f"{host.label} is down")
+        return conn
 
     async def _checkin(self, host: Host, conn: AConn) -> None:
         # Back to the pool it came from: a host's pool may have been renewed meanwhile
         # (a closed pool closes the connection).
+        self._unlend(host, conn)
         pool = getattr(conn, "_pool", None)
         if pool is None:
             await conn.close()
@@ -304,7 +377,7 @@ class AsyncLoadBalancer(BalancerBase):
             # prober decide whether the primary is down: one stale connection must not
             # turn into failing every write for a backoff period.
             self._drain(host)
-        elif host.record_failure(type(exc).__name__, error_reason(exc)):
+        elif host.record_failure(type(exc).__name__, error_reason(exc), probe=False):
             self._router.refresh()
 
     async def _replay_lsn(self, host: Host, conn: AConn) -> int:
@@ -343,7 +416,7 @@ class AsyncLoadBalancer(BalancerBase):
                     log_fallback(host, exc, "connect_failed")
                     excluded.add(host)
                     continue
-            if need and max_staleness is None:
+            if need and max_staleness is None and need != UNKNOWN_POSITION:
                 for host in router.behind(route, need, excluded):
                     try:
                         conn = await self._checkout(host)
@@ -372,18 +445,39 @@ class AsyncLoadBalancer(BalancerBase):
         return route.primary, await self._primary_for_read(route, reason), reason
 
     async def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
+        return await self._primary_conn(route, read_reason=reason)
+
+    async def _primary_conn(self, route: DatabaseRoute, *, read_reason: str | None = None) -> AConn:
+        """A connection to the primary, for a write or (``read_reason``) a read no
+        replica could take. Every path uses this one verdict: a primary that the prober
+        holds down, or whose pool cannot hand out a connection, raises at once
+        (:class:`PrimaryUnavailable` for writes, :class:`HostUnavailable` for reads)."""
         primary = route.primary
         if not primary.up:
+            if read_reason is None:
+                raise PrimaryUnavailable(
+                    f"primary {primary.label} of {route.name!r} is down ({primary.last_error});"
+                    " writes fail fast until a probe succeeds",
+                    host=primary.label,
+                    reason="primary_down",
+                )
             raise HostUnavailable(
-                f"no host can serve this read of {route.name!r}: {reason.replace('_', ' ')}"
-                f" and the primary {primary.label} is down",
+                f"no host can serve this read of {route.name!r}:"
+                f" {read_reason.replace('_', ' ')} and the primary {primary.label} is down",
                 host=primary.label,
-                reason=reason,
+                reason=read_reason,
             )
         try:
             return await self._checkout(primary)
         except CHECKOUT_ERRORS as exc:
             self._host_failed(primary, exc)
+            if read_reason is None:
+                raise PrimaryUnavailable(
+                    f"primary {primary.label} of {route.name!r} is unavailable"
+                    f" ({error_reason(exc)})",
+                    host=primary.label,
+                    reason="primary_unavailable",
+                ) from exc
             raise HostUnavailable(
                 f"no host can serve this read of {route.name!r}: the primary"
                 f" {primary.label} failed ({error_reason(exc)})",

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 from psycopg import Connection
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolClosed
 
 from pgreplica._routing_sync import RoutingConnection
 from pgreplica._units_sync import (
@@ -26,6 +26,7 @@ from pgreplica.balancer import (
     CHECKOUT_ERRORS,
     FUNCTIONS_SQL,
     POOL_ERRORS,
+    UNKNOWN_POSITION,
     BalancerBase,
     DatabaseRoute,
     build_settings,
@@ -35,7 +36,7 @@ from pgreplica.balancer import (
     query_text,
 )
 from pgreplica.config import Settings
-from pgreplica.errors import HostUnavailable, PgReplicaError
+from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, ProberThread, error_reason
 from pgreplica.lsn import parse_lsn
 from pgreplica.sql import Classification, classify, resolve_functions
@@ -71,6 +72,18 @@ class LoadBalancer(BalancerBase):
         self._closed = False
         self._prober = self._router.make_prober()
         self._prober_runner: Any = None
+        self._renew_lock = threading.Lock()
+
+    def _inherited_resources(self) -> list[Any]:
+        """After a fork: hand over the parent's pools and prober, start afresh."""
+        inherited: list[Any] = [*self._pools.values(), self._prober, self._prober_runner]
+        self._pools = {}
+        self._open_lock = threading.Lock()
+        self._renew_lock = threading.Lock()
+        self._started = self._opened = False
+        self._prober = self._router.make_prober()
+        self._prober_runner = None
+        return inherited
 
     @classmethod
     def from_config(
@@ -84,6 +97,7 @@ class LoadBalancer(BalancerBase):
     def open(self, *, wait: bool = True) -> None:
         """Open the pools and start the prober; with ``wait``, let the first probes
         finish (at most ``connect_timeout``) so the first reads can use replicas."""
+        self._check_pid()
         if self._opened:
             return
         with self._open_lock:
@@ -94,7 +108,7 @@ class LoadBalancer(BalancerBase):
                     pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
                     pool.open(wait=False)
                     self._pools[host] = pool
-                    host.on_down = self._drain
+                    host.on_down = self._host_down
                     host.on_up = self._renew_pool
                 self._start_prober()
                 self._started = True
@@ -115,17 +129,30 @@ class LoadBalancer(BalancerBase):
             self._opened = False  # later use raises "closed" instead of a KeyError
             if self._prober_runner is not None:
                 self._stop_prober()
+            self._wait_background()
             for pool in self._pools.values():
                 pool.close()
             self._pools.clear()
 
-    def _renew_pool(self, host: Host) -> None:
-        old = self._pools.get(host)
-        if old is None or self._closed:
+    def _host_down(self, host: Host) -> None:
+        """The prober marked ``host`` down. A replica's pool is closed, which fails
+        every caller waiting for one of its connections, and the connections lent on
+        it are aborted; the primary's pool is drained (writes in flight on a slow
+        primary are left to finish). A fresh pool comes when the host is back."""
+        if host.configured_primary:
+            self._drain(host)
             return
-        pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
-        pool.open(wait=False)
-        self._pools[host] = pool
+        self._retire_pool(host)
+        self._abort_lent(host)
+
+    def _renew_pool(self, host: Host, only: Any = None) -> None:
+        with self._renew_lock:
+            old = self._pools.get(host)
+            if old is None or self._closed or (only is not None and old is not only):
+                return
+            pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+            pool.open(wait=False)
+            self._pools[host] = pool
         # Closing joins the pool's workers: not in the prober's thread.
         threading.Thread(target=old.close, name="pgreplica-pool-close").start()
 
@@ -133,6 +160,16 @@ class LoadBalancer(BalancerBase):
         pool = self._pools.get(host)
         if pool is not None:
             pool.drain()
+
+    def _retire_pool(self, host: Host) -> None:
+        # Closing fails the waiting callers and joins the pool's workers (one may
+        # be connecting to the hung server): not in the prober's thread.
+        pool = self._pools.get(host)
+        if pool is not None and not host.up:  # not if it came back meanwhile
+            threading.Thread(target=pool.close, name="pgreplica-pool-close").start()
+
+    def _wait_background(self) -> None:
+        pass
 
     def _start_prober(self) -> None:
         self._prober_runner = ProberThread(self._prober)
@@ -235,13 +272,32 @@ class LoadBalancer(BalancerBase):
     # -- internals shared by the units -----------------------------------------------
 
     def _checkout(self, host: Host) -> AConn:
-        if not self._opened:
+        if not self._opened or self._pid != os.getpid():
             self.open()
-        return self._pools[host].getconn(timeout=self.settings.connect_timeout)
+        pool = self._pools[host]
+        try:
+            conn = pool.getconn(timeout=self.settings.connect_timeout)
+        except PoolClosed:
+            if self._closed or not host.up:
+                raise
+            if self._pools.get(host) is pool:
+                # Up, but its pool was closed when it went down (or closed late, after
+                # the renewal): open a fresh one now rather than fail until next time.
+                self._renew_pool(host, pool)
+            # The host came back and its pool was renewed under us: use the new one.
+            conn = self._pools[host].getconn(timeout=self.settings.connect_timeout)
+        self._lend(host, conn)
+        if not host.up:
+            # Marked down while this connection was handed out: the abort may have
+            # missed it, and the server may not answer.
+            self._checkin(host, conn)
+            raise PoolClosed(f"{host.label} is down")
+        return conn
 
     def _checkin(self, host: Host, conn: AConn) -> None:
         # Back to the pool it came from: a host's pool may have been renewed meanwhile
         # (a closed pool closes the connection).
+        self._unlend(host, conn)
         pool = getattr(conn, "_pool", None)
         if pool is None:
             conn.close()
@@ -257,7 +313,7 @@ class LoadBalancer(BalancerBase):
             # prober decide whether the primary is down: one stale connection must not
             # turn into failing every write for a backoff period.
             self._drain(host)
-        elif host.record_failure(type(exc).__name__, error_reason(exc)):
+        elif host.record_failure(type(exc).__name__, error_reason(exc), probe=False):
             self._router.refresh()
 
     def _replay_lsn(self, host: Host, conn: AConn) -> int:
@@ -296,7 +352,7 @@ class LoadBalancer(BalancerBase):
                     log_fallback(host, exc, "connect_failed")
                     excluded.add(host)
                     continue
-            if need and max_staleness is None:
+            if need and max_staleness is None and need != UNKNOWN_POSITION:
                 for host in router.behind(route, need, excluded):
                     try:
                         conn = self._checkout(host)
@@ -325,18 +381,39 @@ class LoadBalancer(BalancerBase):
         return route.primary, self._primary_for_read(route, reason), reason
 
     def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
+        return self._primary_conn(route, read_reason=reason)
+
+    def _primary_conn(self, route: DatabaseRoute, *, read_reason: str | None = None) -> AConn:
+        """A connection to the primary, for a write or (``read_reason``) a read no
+        replica could take. Every path uses this one verdict: a primary that the prober
+        holds down, or whose pool cannot hand out a connection, raises at once
+        (:class:`PrimaryUnavailable` for writes, :class:`HostUnavailable` for reads)."""
         primary = route.primary
         if not primary.up:
+            if read_reason is None:
+                raise PrimaryUnavailable(
+                    f"primary {primary.label} of {route.name!r} is down ({primary.last_error});"
+                    " writes fail fast until a probe succeeds",
+                    host=primary.label,
+                    reason="primary_down",
+                )
             raise HostUnavailable(
-                f"no host can serve this read of {route.name!r}: {reason.replace('_', ' ')}"
-                f" and the primary {primary.label} is down",
+                f"no host can serve this read of {route.name!r}:"
+                f" {read_reason.replace('_', ' ')} and the primary {primary.label} is down",
                 host=primary.label,
-                reason=reason,
+                reason=read_reason,
             )
         try:
             return self._checkout(primary)
         except CHECKOUT_ERRORS as exc:
             self._host_failed(primary, exc)
+            if read_reason is None:
+                raise PrimaryUnavailable(
+                    f"primary {primary.label} of {route.name!r} is unavailable"
+                    f" ({error_reason(exc)})",
+                    host=primary.label,
+                    reason="primary_unavailable",
+                ) from exc
             raise HostUnavailable(
                 f"no host can serve this read of {route.name!r}: the primary"
                 f" {primary.label} failed ({error_reason(exc)})",

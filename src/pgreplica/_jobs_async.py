@@ -26,7 +26,13 @@ from pgreplica._jobs_core import (
     _parse_headers,
     check_flag,
 )
-from pgreplica.balancer import CHECKOUT_ERRORS, LSN_SQL, DatabaseRoute, is_connection_error
+from pgreplica.balancer import (
+    CHECKOUT_ERRORS,
+    LSN_SQL,
+    UNKNOWN_POSITION,
+    DatabaseRoute,
+    is_connection_error,
+)
 from pgreplica.context import current_state
 from pgreplica.errors import PgReplicaError
 from pgreplica.health import Host
@@ -38,6 +44,8 @@ __all__ = ["capture", "start_job"]
 async def capture(lb: AsyncLoadBalancer) -> dict[str, str]:
     """The token a job enqueued now must see, per database, as a header value.
 
+    - A database this context read on the primary: the primary's position now (at
+      or past what it read and what it wrote), one query per primary.
     - A database this context wrote to (``lb.write()`` recorded it): the context's
       token, at or past the commit of those writes. No query.
     - A database it only read from replicas: the replay position of those replicas,
@@ -54,10 +62,15 @@ async def capture(lb: AsyncLoadBalancer) -> dict[str, str]:
     known: dict[str, int] = {}
     missing: dict[Host, list[str]] = {}
     for name, route in lb._router.databases.items():
+        hosts = [host for db, host in state.read_from if db == name]
+        if route.primary in hosts or state.written.get(name) == UNKNOWN_POSITION:
+            # It read the primary (data newer than its own writes, perhaps), or wrote
+            # at a position it could not read back: the primary's position now.
+            missing.setdefault(route.primary, []).append(name)
+            continue
         if state.written.get(name):
             known[name] = state.token.get(name)
             continue
-        hosts = [host for db, host in state.read_from if db == name]
         if hosts and route.primary not in hosts:
             position = await _replicas_position(lb, hosts)  # type: ignore[arg-type]
             if position:
@@ -71,7 +84,10 @@ async def capture(lb: AsyncLoadBalancer) -> dict[str, str]:
             _log_capture_failed(host, exc)
             return {}
         for name in names:
-            known[name] = max(position, state.token.get(name))
+            token_position = state.token.get(name)
+            if token_position == UNKNOWN_POSITION:
+                token_position = 0  # the position asked now is past that write
+            known[name] = max(position, token_position)
     return CausalToken(known).as_dict()
 
 

@@ -13,17 +13,19 @@ from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 
 from pgreplica.balancer import (
-    COMMIT_SQL,
+    CHECKOUT_ERRORS,
     LSN_SQL,
+    UNKNOWN_POSITION,
+    XID_COMMIT_SQL,
     is_connection_error,
     log_fallback,
     log_routed,
 )
 from pgreplica.context import current_state, note_read, record_write
-from pgreplica.errors import PgReplicaError
-from pgreplica.health import Host
+from pgreplica.errors import PgReplicaError, PrimaryUnavailable
+from pgreplica.health import Host, error_reason
 from pgreplica.lsn import CausalToken, parse_lsn
-from pgreplica.sql import Classification
+from pgreplica.sql import Classification, could_write
 
 if TYPE_CHECKING:
     from pgreplica._balancer_sync import LoadBalancer
@@ -32,24 +34,6 @@ __all__ = ["CursorProxy", "RoutingConnection", "RoutingCursor"]
 
 AConn = Connection[Any]
 
-#: Statements on the primary that cannot have written anything.
-_NO_WRITE_REASONS = frozenset(
-    {
-        "transaction_control",
-        "session_set",
-        "set_local",
-        "show",
-        "listen",
-        "prepare",
-        "deallocate",
-        "cursor",
-        "empty",
-        "explain",
-        "select",
-        "copy_to",
-        "set_config",
-    }
-)
 _SESSION_KINDS = frozenset({"set", "session_set"})
 _CONNECTION_BOUND = frozenset({"prepare", "execute", "deallocate", "cursor"})
 _IDLE = TransactionStatus.IDLE
@@ -70,7 +54,8 @@ class RoutingConnection:
         self._dirty: set[Host] = set()  # hosts whose connection has session state
         self._pinned: Host | None = None
         self._pin_depth = 0  # open transaction() / pipeline() blocks
-        self._wrote = False  # the pinned transaction wrote on the primary
+        self._wrote = False  # the pinned transaction may have written on the primary
+        self._primary_only = False  # session state that lives on the primary connection
         self._session: list[tuple[Any, Any]] = []  # (query, params) to replay
         self._autocommit = False
         self._read_only: bool | None = None
@@ -175,12 +160,26 @@ class RoutingConnection:
         if host is None:
             return
         conn = self._conns[host]
-        if self._wrote and host is self._route.primary and not self._pin_depth:
-            # One round trip: commit, then read the WAL position past the commit record.
-            cur = conn.execute(COMMIT_SQL)
-            cur.nextset()
-            self._record(cur.fetchone())
+        if (
+            host is self._route.primary
+            and not self._pin_depth
+            and conn.info.transaction_status == TransactionStatus.INTRANS
+        ):
+            # One round trip: whether the server assigned the transaction an id (it
+            # wrote, whatever the parser saw), the commit, and the WAL position past
+            # the commit record.
             self._pinned, self._wrote = None, False
+            try:
+                cur = conn.execute(XID_COMMIT_SQL)
+                wrote = cur.fetchone()
+                cur.nextset()
+                cur.nextset()
+                row = cur.fetchone()
+            except psycopg.Error as exc:
+                self._primary_failed(host, exc, unknown=True)
+                raise
+            if wrote and wrote[0]:
+                self._record(row)
             return
         conn.commit()
         self._transaction_ended(host, committed=True)
@@ -271,9 +270,14 @@ class RoutingConnection:
         once elsewhere where that is safe. Returns the host and connection used."""
         c = self._lb.classify(query, self._route.name)
         host, reason = self._choose(c, server_cursor)
-        conn = self._conn_for(host)
+        host, conn, reason = self._connect(host, reason)
         if (c.kind in _SESSION_KINDS or c.reason == "set_config") and self._pinned is None:
             return self._run_session((query, params), c, host, conn, run)
+        if c.reason == "set_config_mixed":
+            # Session state set by a statement that also does something else: it is
+            # not replayed elsewhere, so everything after it stays on this connection.
+            self._primary_only = True
+            self._dirty.add(host)
         try:
             run(conn)
         except psycopg.Error as exc:
@@ -300,6 +304,8 @@ class RoutingConnection:
             return self._pinned, "pinned"
         route = self._route
         state = current_state()
+        if self._primary_only:
+            return route.primary, "session_primary"
         starts_transaction = c.kind == "begin" or not self._autocommit or server_cursor
         if starts_transaction:
             if c.kind == "begin":
@@ -307,7 +313,7 @@ class RoutingConnection:
             else:
                 read_only = (self._read_only is True or state.read_only) and c.replica
             if read_only and not state.use_primary:
-                replica = self._caught_up_replica(state.token.get(route.name))
+                replica = self._caught_up_replica(self._need(state))
                 if replica is not None:
                     return replica, "read_only_transaction"
             return route.primary, "transaction"
@@ -317,7 +323,7 @@ class RoutingConnection:
             return route.primary, c.reason
         if state.use_primary:
             return route.primary, "primary_scope"
-        replica = self._caught_up_replica(state.token.get(route.name))
+        replica = self._caught_up_replica(self._need(state))
         if replica is not None:
             return replica, "replica"
         return route.primary, "replicas_behind" if route.read_set else "no_healthy_replica"
@@ -325,40 +331,78 @@ class RoutingConnection:
     def _begin_host(self) -> Host:
         """The host for a transaction started by transaction() or pipeline()."""
         state = current_state()
-        if (self._read_only is True or state.read_only) and not state.use_primary:
-            replica = self._caught_up_replica(state.token.get(self._route.name))
+        if (
+            (self._read_only is True or state.read_only)
+            and not state.use_primary
+            and not self._primary_only
+        ):
+            replica = self._caught_up_replica(self._need(state))
             if replica is not None:
                 return replica
         return self._route.primary
 
-    def _caught_up_replica(self, need: int) -> Host | None:
+    def _need(self, state: Any) -> int:
+        return self._lb._router.required(self._route, state)
+
+    def _connect(self, host: Host, reason: str) -> tuple[Host, AConn, str]:
+        """The server connection for a statement routed to ``host``. A replica whose
+        connection cannot be had (down, hung, pool closed or exhausted) gives way to
+        another caught-up replica or the primary, as ``lb.read()`` does."""
+        excluded: set[Host] = set()
+        while True:
+            try:
+                return host, self._conn_for(host), reason
+            except CHECKOUT_ERRORS as exc:
+                if host is self._route.primary or self._pinned is not None:
+                    raise
+                self._lb._host_failed(host, exc)
+                log_fallback(host, exc, "connect_failed")
+                excluded.add(host)
+            replica = self._caught_up_replica(self._need(current_state()), excluded=excluded)
+            if replica is None:
+                host, reason = self._route.primary, "fallback_primary"
+            else:
+                host, reason = replica, "fallback_replica"
+
+    def _caught_up_replica(self, need: int, *, excluded: set[Host] | None = None) -> Host | None:
         """A replica proven to have replayed ``need``: by the cache, preferring one this
         connection already holds, else by asking held or pooled replicas directly."""
         router = self._lb._router
         route = self._route
         candidates = router.caught_up(route, need, None)
+        if excluded:
+            candidates = [h for h in candidates if h not in excluded]
         if candidates:
             for host in candidates:
                 if host in self._conns:
                     return host
             return candidates[router.next_index(len(candidates))]
-        if not need:
+        if not need or need == UNKNOWN_POSITION:
             return None
-        for host in router.behind(route, need, set()):
+        for host in router.behind(route, need, excluded or set()):
             try:
                 conn = self._conn_for(host)
                 if self._lb._replay_lsn(host, conn) >= need:
                     return host
-            except psycopg.Error as exc:
+            except CHECKOUT_ERRORS as exc:
                 if is_connection_error(exc):
                     self._drop(host, exc)
+                else:
+                    self._lb._host_failed(host, exc)
         return None
 
     def _conn_for(self, host: Host) -> AConn:
         conn = self._conns.get(host)
         if conn is not None and not conn.closed:
+            if host is self._route.primary and not host.up and self._pinned is None:
+                # The same verdict as lb.write(): no statement starts on a primary the
+                # prober holds down.
+                self._lb._primary_conn(self._route)
             return conn
-        conn = self._lb._checkout(host)
+        if host is self._route.primary:
+            conn = self._lb._primary_conn(self._route)
+        else:
+            conn = self._lb._checkout(host)
         try:
             conn.set_autocommit(self._autocommit)
             if self._read_only is not None:
@@ -398,7 +442,13 @@ class RoutingConnection:
         """A statement failed: retry it once on another host when nothing can have
         happened (a replica, outside a transaction), else raise."""
         route = self._route
-        if host is route.primary or self._pinned is not None:
+        if host is route.primary:
+            if is_connection_error(exc):
+                # An autocommit statement may have committed before the connection
+                # went: its position is unknown until the primary is probed again.
+                self._primary_failed(host, exc, unknown=self._pinned is None)
+            raise exc
+        if self._pinned is not None:
             raise exc
         if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
             # The replica refused a write the classifier could not see (a function
@@ -408,7 +458,7 @@ class RoutingConnection:
         elif is_connection_error(exc):
             self._drop(host, exc)
             log_fallback(host, exc, "connection_error")
-            replica = self._caught_up_replica(current_state().token.get(route.name))
+            replica = self._caught_up_replica(self._need(current_state()))
             if replica is None:
                 new_host, reason = route.primary, "fallback_primary"
             else:
@@ -418,6 +468,23 @@ class RoutingConnection:
         new_conn = self._conn_for(new_host)
         run(new_conn)
         return new_host, new_conn, reason
+
+    def _primary_failed(self, host: Host, exc: psycopg.Error, *, unknown: bool) -> None:
+        """A statement or commit on the primary failed. On a lost connection, raise
+        :class:`PrimaryUnavailable` (as ``lb.write()`` does), and when work may have
+        committed unseen, move the token to the unknown position."""
+        if not is_connection_error(exc):
+            return
+        self._drop(host, exc)
+        self._pinned, self._wrote = None, False
+        if unknown:
+            self._record_position(UNKNOWN_POSITION)
+        raise PrimaryUnavailable(
+            f"lost the primary {host.label} of {self._route.name!r} ({error_reason(exc)}):"
+            " the outcome of the statement is unknown",
+            host=host.label,
+            reason="connection_lost",
+        ) from exc
 
     def _drop(self, host: Host, exc: BaseException) -> None:
         self._lb._host_failed(host, exc)
@@ -429,7 +496,7 @@ class RoutingConnection:
     def _after_statement(self, host: Host, conn: AConn, c: Classification | None) -> None:
         """Track the transaction the statement left open, and the writes it made."""
         primary = host is self._route.primary
-        may_write = primary and (c is None or c.reason not in _NO_WRITE_REASONS)
+        may_write = primary and (c is None or could_write(c))
         status = _IDLE if conn.closed else conn.info.transaction_status
         if status != _IDLE or self._pin_depth:
             self._pinned = host
@@ -450,21 +517,44 @@ class RoutingConnection:
 
     def _capture_lsn(self, conn: AConn) -> None:
         """Read the primary's WAL position after a write committed (autocommit is
-        switched on for the query, so that it opens no transaction)."""
-        autocommit = conn.autocommit
-        if not autocommit:
-            conn.set_autocommit(True)
+        switched on for the query, so that it opens no transaction). The write has
+        committed whatever happens here: if the position cannot be read, on this
+        connection or a fresh one, the token moves to the unknown position, which
+        sends reads to the primary until the next probe bounds it. Never an error
+        for a write that committed."""
         try:
-            cur = conn.execute(LSN_SQL)
-            self._record(cur.fetchone())
+            row = _read_position(conn)
+        except psycopg.Error:
+            row = self._position_elsewhere()
+        except BaseException:
+            self._record_position(UNKNOWN_POSITION)
+            raise  # cancelled: the unknown position stands in for the write
+        if row and row[0]:
+            self._record(row)
+        else:
+            self._record_position(UNKNOWN_POSITION)
+
+    def _position_elsewhere(self) -> Any:
+        primary = self._route.primary
+        try:
+            fresh = self._lb._checkout(primary)
+        except CHECKOUT_ERRORS:
+            return None
+        try:
+            return _read_position(fresh)
+        except psycopg.Error:
+            return None
         finally:
-            if not autocommit and not conn.closed:
-                conn.set_autocommit(False)
+            self._lb._checkin(primary, fresh)
 
     def _record(self, row: Any) -> None:
         if row and row[0]:
             position = parse_lsn(row[0])
-            record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
+            self._route.primary.note_replay_lsn(position)
+            self._record_position(position)
+
+    def _record_position(self, position: int) -> None:
+        record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
 
 
 class CursorProxy:
@@ -589,6 +679,18 @@ class RoutingCursor(CursorProxy):
         for row in cursor.stream(query, params, **kwargs):  # noqa: RUF100, UP028
             yield row
         routing._after_statement(host, conn, c)
+
+
+def _read_position(conn: AConn) -> Any:
+    autocommit = conn.autocommit
+    if not autocommit:
+        conn.set_autocommit(True)
+    try:
+        cur = conn.execute(LSN_SQL)
+        return cur.fetchone()
+    finally:
+        if not autocommit and not conn.closed:
+            conn.set_autocommit(False)
 
 
 def _replay(conn: AConn, statements: list[tuple[Any, Any]]) -> None:

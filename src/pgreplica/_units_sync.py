@@ -14,9 +14,9 @@ from psycopg.pq import TransactionStatus
 
 from pgreplica._routing_sync import CursorProxy
 from pgreplica.balancer import (
-    CHECKOUT_ERRORS,
     COMMIT_SQL,
     LSN_SQL,
+    UNKNOWN_POSITION,
     is_connection_error,
     is_recovery_conflict,
     log_fallback,
@@ -84,7 +84,7 @@ class _ReadUnit:
             host = route.primary
             conn = lb._primary_for_read(route, reason)
         else:
-            self._need = 0 if self._max_staleness is not None else state.token.get(route.name)
+            self._need = 0 if self._max_staleness is not None else lb._router.required(route, state)
             host, conn, reason = lb._connect_read(
                 route, self._need, self._max_staleness, self._max_wait, set()
             )
@@ -275,22 +275,7 @@ class _WriteUnit:
             lb.open()
         route = self._route = lb._router.route(self._database)
         host = self._host = route.primary
-        if not host.up:
-            raise PrimaryUnavailable(
-                f"primary {host.label} of {route.name!r} is down ({host.last_error});"
-                " writes fail fast until a probe succeeds",
-                host=host.label,
-                reason="primary_down",
-            )
-        try:
-            conn = lb._checkout(host)
-        except CHECKOUT_ERRORS as exc:
-            lb._host_failed(host, exc)
-            raise PrimaryUnavailable(
-                f"primary {host.label} of {route.name!r} is unavailable ({error_reason(exc)})",
-                host=host.label,
-                reason="primary_unavailable",
-            ) from exc
+        conn = lb._primary_conn(route)
         try:
             conn.set_autocommit(False)
         except BaseException:
@@ -311,8 +296,20 @@ class _WriteUnit:
             if exc is not None:
                 if is_connection_error(exc):
                     lb._host_failed(host, exc)
-                elif not conn.closed:
+                    # What the unit committed before (conn.commit() in a batch) is
+                    # unknown: reads must not trust replicas until a probe bounds it.
+                    self._record_unknown()
+                    raise PrimaryUnavailable(
+                        f"lost the primary {host.label} of {self._route.name!r} during a"
+                        f" write unit ({error_reason(exc)})",
+                        host=host.label,
+                        reason="connection_lost",
+                    ) from exc
+                if not conn.closed:
                     conn.rollback()
+                    # The unit may have committed part of its work (conn.commit() in a
+                    # batch) before it failed: reads must see that. Error path only.
+                    self._record_position(conn)
                 return
             self._commit(conn)
         finally:
@@ -346,6 +343,28 @@ class _WriteUnit:
                 host=self._host.label,
                 reason="commit_unknown",
             ) from exc
+        self._record(row)
+
+    def _record_position(self, conn: AConn) -> None:
+        """Advance the token to the primary's WAL position now (autocommit, no
+        transaction); if it cannot be read, to the unknown position."""
+        try:
+            conn.set_autocommit(True)
+            cur = conn.execute(LSN_SQL)
+            row = cur.fetchone()
+        except psycopg.Error:
+            row = None
+        if row and row[0]:
+            self._record(row)
+        else:
+            self._record_unknown()
+
+    def _record(self, row: Any) -> None:
         if row and row[0]:
             position = parse_lsn(row[0])
+            self._route.primary.note_replay_lsn(position)
             record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
+
+    def _record_unknown(self) -> None:
+        names = self._route.shares_primary_with
+        record_write(CausalToken(dict.fromkeys(names, UNKNOWN_POSITION)))

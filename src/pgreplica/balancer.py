@@ -10,10 +10,14 @@ share it instead of keeping two copies.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import socket
+import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +25,7 @@ import psycopg
 import psycopg_pool
 
 from pgreplica.config import DatabaseConfig, Dsn, Settings
-from pgreplica.context import Scope, current_state, isolated
+from pgreplica.context import RouteState, Scope, current_state, isolated
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
 from pgreplica.lsn import CausalToken
@@ -36,7 +40,17 @@ routing_logger = logging.getLogger("pgreplica.routing")
 CHECK_SQL = "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END)::text"
 #: Commit and read the WAL insert position in one round trip.
 COMMIT_SQL = "COMMIT; SELECT pg_current_wal_insert_lsn()::text"
+#: The same, for a transaction that may or may not have written: the first result
+#: says whether the server assigned it a transaction id (it wrote), in the same trip.
+XID_COMMIT_SQL = (
+    "SELECT pg_current_xact_id_if_assigned() IS NOT NULL;"
+    " COMMIT; SELECT pg_current_wal_insert_lsn()::text"
+)
 LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+#: The position of a write that committed but whose WAL position could not be read
+#: back: no replica can prove it has it, until a later probe of the primary bounds it
+#: (:meth:`Router.required`).
+UNKNOWN_POSITION = (1 << 64) - 1
 
 FUNCTIONS_SQL = """\
 SELECT p.proname, n.nspname, p.provolatile::text
@@ -73,6 +87,7 @@ class DatabaseRoute:
     """Routing data of one logical database."""
 
     __slots__ = (
+        "clamp_warned_at",
         "classified",
         "functions",
         "name",
@@ -92,6 +107,7 @@ class DatabaseRoute:
         """Catalog volatility of the non-built-in functions seen so far."""
         self.classified: dict[str, Classification] = {}
         """Catalog-aware classifications by statement text (bounded)."""
+        self.clamp_warned_at = -1e9
 
 
 class Router:
@@ -147,7 +163,7 @@ class Router:
         settings = self.settings
         now = time.monotonic()
         for route in self.databases.values():
-            primary_lsn = route.primary.replay_lsn
+            primary_lsn = route.primary.flush_lsn or route.primary.replay_lsn
             usable: list[Host] = []
             for host in route.replicas:
                 lag_bytes: int | None
@@ -168,10 +184,47 @@ class Router:
                     or (lag_seconds is not None and lag_seconds <= settings.max_lag_seconds)
                 )
                 fresh = host.probed_at is not None and now - host.probed_at <= self.stale_after
-                if host.up and host.in_recovery is True and fresh and not host.lagging:
+                if (
+                    host.up
+                    and host.in_recovery is True
+                    and fresh
+                    and not host.lagging
+                    and same_history(route.primary, host)
+                ):
                     usable.append(host)
             route.read_set = tuple(usable)
         self.refreshed_at = now
+
+    def required(self, route: DatabaseRoute, state: RouteState) -> int:
+        """The position a read of ``route`` must see for the context in ``state``.
+
+        A token position beyond the primary's last probed insert position is either
+        newer than that probe (a write that just committed) or not from this primary's
+        history (another cluster, a timeline lost in a failover, a forged token, or a
+        write whose position could not be read back). It is the latter once the primary
+        has been probed after the token last grew: then the probed position bounds it,
+        so such a token costs nothing after one probe interval."""
+        need = state.token.get(route.name)
+        primary = route.primary
+        if need <= primary.replay_lsn:
+            return need
+        if primary.replay_lsn and primary.probe_started_at > state.grown_at:
+            if need != UNKNOWN_POSITION:
+                self._warn_clamped(route, need)
+            return primary.replay_lsn
+        return need
+
+    def _warn_clamped(self, route: DatabaseRoute, need: int) -> None:
+        now = time.monotonic()
+        if now - route.clamp_warned_at >= 10.0:
+            route.clamp_warned_at = now
+            logger.warning(
+                "token_ahead_of_primary database=%s primary=%s: a token position the"
+                " primary never reached (another cluster, a lost timeline or a forged"
+                " token) is bounded by the primary's position",
+                route.name,
+                route.primary.label,
+            )
 
     def caught_up(
         self, route: DatabaseRoute, need: int, max_staleness: float | None
@@ -214,6 +267,20 @@ class Router:
         )
 
 
+def same_history(primary: Host, replica: Host) -> bool:
+    """The replica replays the primary's WAL: the same cluster (system identifier) and,
+    when both are known, the same timeline. A replica of another cluster (a wrong DSN)
+    or still on the timeline of a former primary proves nothing about this primary's
+    positions, however far it has replayed."""
+    if (
+        primary.system_identifier
+        and replica.system_identifier
+        and primary.system_identifier != replica.system_identifier
+    ):
+        return False
+    return not (primary.timeline and replica.timeline and primary.timeline != replica.timeline)
+
+
 def build_settings(
     source: str | os.PathLike[str] | Mapping[str, Any] | Settings | None,
     primary: str | None,
@@ -242,6 +309,12 @@ class BalancerBase:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._router = Router(settings)
+        self._pid = os.getpid()
+        self._lent: dict[Host, set[Any]] = {h: set() for h in self._router.hosts.values()}
+        """Connections out of the pools, per host: aborted when the prober marks their
+        replica down, so a caller never waits on a server that stopped answering."""
+        self._lent_lock = threading.Lock()
+        _BALANCERS.add(self)
 
     def __repr__(self) -> str:
         dbs = ", ".join(
@@ -288,6 +361,55 @@ class BalancerBase:
         self._router.refresh()
         return [host.status() for host in self._router.hosts.values()]
 
+    # -- connections lent to units of work --------------------------------------------
+
+    def _lend(self, host: Host, conn: Any) -> None:
+        self._lent[host].add(conn)
+
+    def _unlend(self, host: Host, conn: Any) -> None:
+        with self._lent_lock:  # never abort a connection its pool may be closing
+            self._lent[host].discard(conn)
+
+    def _abort_lent(self, host: Host) -> None:
+        """The prober marked ``host`` down: shut the sockets of the connections lent
+        on it, so that every caller blocked on it (or about to use it) gets a
+        connection error now, which a read unit retries elsewhere when that is safe."""
+        with self._lent_lock:
+            conns = list(self._lent[host])
+            for conn in conns:
+                shutdown_socket(conn)
+        if conns:
+            logger.warning(
+                "host_aborted host=%s connections=%d: in-flight work on it fails over",
+                host.label,
+                len(conns),
+            )
+
+    # -- fork -------------------------------------------------------------------------
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            self._after_fork()
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's pools, prober and connections
+        without closing them or sending anything on their sockets (the parent still
+        uses them); fresh ones start on first use."""
+        self._pid = os.getpid()
+        self._lent_lock = threading.Lock()
+        for host in self._router.hosts.values():
+            host.after_fork()
+        inherited: list[Any] = [conn for conns in self._lent.values() for conn in conns]
+        self._lent = {h: set() for h in self._router.hosts.values()}
+        inherited.extend(self._inherited_resources())
+        for item in inherited:
+            release_inherited(item)
+        _INHERITED.extend(inherited)
+
+    def _inherited_resources(self) -> list[Any]:
+        """What the subclass keeps per process (pools, prober); it resets itself."""
+        raise NotImplementedError
+
     def _pool_kwargs(self, host: Host) -> dict[str, Any]:
         s = self.settings
         return {
@@ -303,6 +425,68 @@ class BalancerBase:
             "timeout": s.connect_timeout,
             "name": host.label,
         }
+
+
+#: Every balancer of the process, for the fork hook.
+_BALANCERS: weakref.WeakSet[BalancerBase] = weakref.WeakSet()
+#: What forked children inherited: kept, never used, never finalised (a finaliser
+#: could send a Terminate message on a socket the parent still uses).
+_INHERITED: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for lb in list(_BALANCERS):
+        lb._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _socket_of(conn: Any) -> int | None:
+    pgconn = getattr(conn, "pgconn", None)
+    if pgconn is None or getattr(conn, "closed", True):
+        return None
+    try:
+        fd = pgconn.socket
+    except psycopg.Error:
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+def shutdown_socket(conn: Any) -> None:
+    """Shut a connection's socket down (both ways): a thread or task blocked on it
+    sees the connection lost at once, and nothing more is sent to the server."""
+    fd = _socket_of(conn)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+
+
+def release_inherited(item: Any) -> None:
+    """Make an inherited connection (or every connection of an inherited pool or
+    prober) point at /dev/null, so that nothing the child does, finalisers included,
+    reaches the parent's socket, and the child does not keep it open."""
+    conns: list[Any]
+    if hasattr(item, "pgconn"):
+        conns = [item]
+    else:
+        conns = list(getattr(item, "_pool", ()) or ())
+        conns.extend(getattr(item, "connections", {}).values())
+    for conn in conns:
+        fd = _socket_of(conn)
+        if fd is None:
+            continue
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(devnull, fd)
+            finally:
+                os.close(devnull)
 
 
 def log_fallback(host: Host, exc: BaseException, reason: str) -> None:

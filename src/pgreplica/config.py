@@ -127,7 +127,7 @@ class Settings:
     connect_timeout: float = 2.0
     max_wait: float = 0.0
     backoff_initial: float = 0.2
-    backoff_max: float = 5.0
+    backoff_max: float = 1.0
     pool_min_size: int = 1
     pool_max_size: int = 10
     application_name: str = "pgreplica"

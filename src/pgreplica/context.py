@@ -10,6 +10,7 @@ own writes. :func:`isolated` drops even those, for a worker moving to its next j
 
 from __future__ import annotations
 
+import time
 from contextvars import ContextVar
 from types import TracebackType
 
@@ -21,7 +22,7 @@ __all__ = ["RouteState", "Scope", "current_state", "record_write"]
 class RouteState:
     """Immutable routing state of one context."""
 
-    __slots__ = ("read_from", "read_only", "token", "use_primary", "written")
+    __slots__ = ("grown_at", "read_from", "read_only", "token", "use_primary", "written")
 
     token: CausalToken
     """The positions reads must see: adopted tokens merged with this context's writes."""
@@ -35,6 +36,10 @@ class RouteState:
     read_from: frozenset[tuple[str, object]]
     """(database, host) pairs this context has read from: a job enqueued now must see
     at least what those hosts had replayed (:func:`pgreplica.jobs.capture`)."""
+    grown_at: float
+    """``time.monotonic()`` when the token last grew. A primary probed after this moment
+    has reached every legitimate position of the token: one beyond it is not from this
+    primary's history (another cluster, a lost timeline, a forgery) and is clamped."""
 
     def __init__(
         self,
@@ -43,12 +48,14 @@ class RouteState:
         use_primary: bool,
         read_only: bool = False,
         read_from: frozenset[tuple[str, object]] = frozenset(),
+        grown_at: float = 0.0,
     ) -> None:
         self.token = token
         self.written = written
         self.use_primary = use_primary
         self.read_only = read_only
         self.read_from = read_from
+        self.grown_at = grown_at
 
     def __repr__(self) -> str:
         return (
@@ -73,6 +80,7 @@ def record_write(positions: CausalToken) -> None:
             state.use_primary,
             state.read_only,
             state.read_from,
+            time.monotonic(),
         )
     )
 
@@ -88,6 +96,7 @@ def note_read(state: RouteState, database: str, host: object) -> None:
                 state.use_primary,
                 state.read_only,
                 state.read_from | {pair},
+                state.grown_at,
             )
         )
 
@@ -119,9 +128,10 @@ class Scope:
         if self._isolate:
             state = INITIAL_STATE
         token = state.token | self._adopt if self._adopt is not None else state.token
+        grown_at = state.grown_at if token is state.token else time.monotonic()
         use_primary = state.use_primary if self._use_primary is None else self._use_primary
         read_only = state.read_only if self._read_only is None else self._read_only
-        new = RouteState(token, state.written, use_primary, read_only, state.read_from)
+        new = RouteState(token, state.written, use_primary, read_only, state.read_from, grown_at)
         _STATE.set(new)
         return new
 
@@ -144,6 +154,7 @@ class Scope:
                 saved.use_primary,
                 saved.read_only,
                 saved.read_from | inner.read_from,  # what was read stays read, as writes
+                max(saved.grown_at, inner.grown_at),
             )
         )
 

@@ -33,7 +33,14 @@ SELECT pg_is_in_recovery(),
        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
              ELSE pg_current_wal_insert_lsn() END)::text,
        pg_last_wal_receive_lsn()::text,
-       EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8"""
+       EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp()))::float8,
+       (CASE WHEN pg_is_in_recovery()
+             THEN (SELECT received_tli FROM pg_stat_wal_receiver)
+             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int
+        END),
+       (CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn() END)::text"""
+#: Asked once per probe connection: which cluster the server belongs to.
+SYSTEM_SQL = "SELECT system_identifier::text FROM pg_control_system()"
 
 
 class BreakerState(enum.Enum):
@@ -95,9 +102,21 @@ class Host:
         self.backoff = backoff
         self.in_recovery: bool | None = None
         self.replay_lsn = 0
+        """Replayed WAL position of a replica; insert position of the primary; 0 for a
+        replica out of recovery (what it holds of the old timeline is unknown)."""
         self.receive_lsn: int | None = None
+        self.flush_lsn: int | None = None
+        """The primary's flushed WAL position: what replicas can have. Its insert
+        position may be past a page header that no replica ever replays."""
         self.replay_age: float | None = None
         self.probed_at: float | None = None
+        self.probe_started_at = 0.0
+        """When the last successful probe was sent: a position it reported was reached
+        after that moment (tokens adopted earlier cannot be ahead of it)."""
+        self.system_identifier: str | None = None
+        """``pg_control_system().system_identifier``: which cluster the server is in."""
+        self.timeline: int | None = None
+        """The timeline the primary writes (or a replica receives), when known."""
         self.lag_bytes: int | None = None
         self.lag_seconds: float | None = None
         self.lagging = False
@@ -129,17 +148,38 @@ class Host:
         if position > self.replay_lsn:
             self.replay_lsn = position
 
+    def after_fork(self) -> None:
+        """In a forked child: a lock another thread of the parent held stays held."""
+        self._lock = threading.Lock()
+
     def record_probe(
-        self, in_recovery: bool, lsn: int, receive_lsn: int | None, replay_age: float | None
+        self,
+        in_recovery: bool,
+        lsn: int,
+        receive_lsn: int | None,
+        replay_age: float | None,
+        *,
+        started_at: float | None = None,
+        timeline: int | None = None,
+        system_identifier: str | None = None,
+        flush_lsn: int | None = None,
     ) -> None:
         with self._lock:
             was = self.state
             promoted = self.in_recovery is True and not in_recovery
             self.in_recovery = in_recovery
-            self.replay_lsn = lsn
+            # A replica out of recovery writes its own timeline: its insert position
+            # says nothing about what it replayed of the old one, so it proves nothing.
+            self.replay_lsn = lsn if in_recovery or self.configured_primary else 0
             self.receive_lsn = receive_lsn
+            self.flush_lsn = flush_lsn
             self.replay_age = replay_age
-            self.probed_at = time.monotonic()
+            self.probed_at = now = time.monotonic()
+            self.probe_started_at = now if started_at is None else started_at
+            if timeline:
+                self.timeline = timeline
+            if system_identifier:
+                self.system_identifier = system_identifier
             self.state = BreakerState.CLOSED
             self.failures = 0
             self.last_error = None
@@ -150,10 +190,18 @@ class Host:
         if promoted and not self.configured_primary:
             logger.warning("host_promoted host=%s: out of the read set", self.label)
 
-    def record_failure(self, error_class: str, reason: str, *, rand: float | None = None) -> bool:
-        """Open the breaker. True when this call took the host from up to down."""
+    def record_failure(
+        self, error_class: str, reason: str, *, rand: float | None = None, probe: bool = True
+    ) -> bool:
+        """Open the breaker. True when this call took the host from up to down.
+
+        Only the prober's failures lengthen the backoff: failures that requests see
+        while the host is already down must not push its next probe further away, or a
+        short fault would keep the host out for many seconds after it recovered."""
         with self._lock:
             was = self.state
+            if was is BreakerState.OPEN and not probe:
+                return False
             self.failures += 1
             wait = self.backoff.delay(self.failures, random.random() if rand is None else rand)
             self.retry_at = time.monotonic() + wait
@@ -244,7 +292,9 @@ class Prober:
         self.on_change = on_change
         self.first_round = threading.Event()
         self._stop = asyncio.Event()
-        self._pending_first = len(hosts)
+        self._pending_first = set(hosts)
+        self.connections: dict[Host, psycopg.AsyncConnection[tuple[object, ...]]] = {}
+        """The open probe connection of each host (a forked child releases them)."""
 
     async def run(self) -> None:
         if not self.hosts:
@@ -276,20 +326,27 @@ class Prober:
                         return
                     continue
                 conn = await self._probe_once(host, conn, stuck)
+                if conn is None:
+                    self.connections.pop(host, None)
+                else:
+                    self.connections[host] = conn
                 self.on_change()
-                self._first_done()
+                self._first_done(host)
                 if await self._sleep(self.interval):
                     return
         finally:
+            self.connections.pop(host, None)
             if conn is not None:
                 await _close_quietly(conn)
             for future in stuck:
                 future.cancel()
 
-    def _first_done(self) -> None:
+    def _first_done(self, host: Host) -> None:
+        """Every host has been probed once (whatever the outcome): not a count of
+        probes, which a fast host probed twice could reach before a slow one answered."""
         if not self.first_round.is_set():
-            self._pending_first -= 1
-            if self._pending_first <= 0:
+            self._pending_first.discard(host)
+            if not self._pending_first:
                 self.first_round.set()
 
     async def _probe_once(
@@ -301,6 +358,9 @@ class Prober:
         try:
             if conn is None or conn.closed:
                 conn = await asyncio.wait_for(self._connect(host), self.connect_timeout + 0.5)
+                system = await asyncio.wait_for(_system_identifier(conn), self.timeout)
+                host.system_identifier = system or host.system_identifier
+            started_at = time.monotonic()
             future: asyncio.Future[object] = asyncio.ensure_future(_query(conn))
             future.add_done_callback(_retrieve)
             try:
@@ -321,12 +381,15 @@ class Prober:
                 return None
             row = future.result()
             assert isinstance(row, tuple)
-            in_recovery, lsn_text, receive_text, replay_age = row
+            in_recovery, lsn_text, receive_text, replay_age, timeline, flush_text = row
             host.record_probe(
                 bool(in_recovery),
                 parse_lsn(str(lsn_text)) if lsn_text else 0,
                 parse_lsn(str(receive_text)) if receive_text else None,
                 float(str(replay_age)) if replay_age is not None else None,
+                started_at=started_at,
+                timeline=int(str(timeline)) if timeline is not None else None,
+                flush_lsn=parse_lsn(str(flush_text)) if flush_text else None,
             )
             return conn
         except asyncio.CancelledError:
@@ -345,6 +408,15 @@ class Prober:
             application_name=f"{self.application_name}-prober",
             options=f"-c statement_timeout={self.statement_timeout_ms}",
         )
+
+
+async def _system_identifier(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> str | None:
+    try:
+        cur = await conn.execute(SYSTEM_SQL)
+        row = await cur.fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    return str(row[0]) if row and row[0] else None
 
 
 def _retrieve(future: asyncio.Future[object]) -> None:

@@ -23,7 +23,13 @@ from pglast import parser as pg_parser
 
 from pgreplica._builtins import BUILTIN_FUNCTIONS, VOLATILE_BUILTINS
 
-__all__ = ["Classification", "classify", "function_verdict", "resolve_functions"]
+__all__ = [
+    "Classification",
+    "classify",
+    "could_write",
+    "function_verdict",
+    "resolve_functions",
+]
 
 REPLICA = "replica"
 PRIMARY = "primary"
@@ -381,6 +387,12 @@ def _with_functions(
     if not functions:
         return result
     if found.set_config_session:
+        others = [f for f in functions if f not in _SET_CONFIG and function_verdict(f) != "read"]
+        if others or found.write or found.locking or found.into or not result.replica:
+            # Session state set next to something else (a write, a user function):
+            # not a plain setting to replay on every connection; it runs once, on the
+            # primary, as a statement that may write.
+            return Classification(PRIMARY, "set_config_mixed", result.kind, functions)
         return Classification(PRIMARY, "set_config", result.kind, functions)
     unresolved = []
     for name in functions:
@@ -521,6 +533,36 @@ def _truthy(arg: dict[str, Any]) -> bool:
         return bool((arg["Integer"] or {}).get("ival"))
     text = str(((const.get("sval") or {}).get("sval")) or arg.get("String", {}).get("sval", "on"))
     return text.lower() in ("on", "true", "1", "yes")
+
+
+#: Reasons of statements that cannot change data on the primary, by PostgreSQL's rules.
+_NO_WRITE_REASONS = frozenset(
+    {
+        "transaction_control",
+        "session_set",
+        "set_local",
+        "show",
+        "listen",
+        "prepare",
+        "deallocate",
+        "cursor",
+        "empty",
+        "explain",
+        "select",
+        "copy_to",
+        "set_config",
+    }
+)
+
+
+def could_write(c: Classification) -> bool:
+    """Whether a statement run on the primary may have written data: anything but a
+    read that calls only built-ins known not to write. A user function may write
+    whatever its declared volatility, so it counts as a possible write (the caller
+    then asks the server where its WAL stands)."""
+    if c.reason not in _NO_WRITE_REASONS:
+        return True
+    return any(f not in _SET_CONFIG and function_verdict(f) != "read" for f in c.functions)
 
 
 #: Reasons that come only from the functions a statement calls.
