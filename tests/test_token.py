@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import pickle
 import random
+import time
 
 import pytest
 
@@ -343,7 +344,8 @@ def test_sign_and_verify_round_trip(key: bytes | str) -> None:
     token = CausalToken({"main": 0x16B3748, "ci": 0x52A0})
     signed = token.sign(key)
     payload, _, signature = signed.rpartition(".")
-    assert payload == str(token)
+    body, _, issued = payload.rpartition(".")
+    assert body == str(token) and abs(int(issued) - time.time()) < 120
     assert signature and "=" not in signature
     assert CausalToken.verify(signed, key) == token
 
@@ -362,8 +364,9 @@ def test_text_and_bytes_keys_agree() -> None:
 
 def test_signature_is_deterministic_and_depends_on_the_key() -> None:
     token = CausalToken({"main": 1})
-    assert token.sign(KEY) == token.sign(KEY)
-    assert token.sign(KEY) != token.sign(KEY + b"!")
+    assert token.sign(KEY, issued_at=5) == token.sign(KEY, issued_at=5)
+    assert token.sign(KEY, issued_at=5) != token.sign(KEY + b"!", issued_at=5)
+    assert token.sign(KEY, issued_at=5) != token.sign(KEY, issued_at=6)
 
 
 def _tampered() -> list[tuple[str, str]]:
@@ -425,10 +428,26 @@ def test_verify_checks_the_payload_after_the_signature() -> None:
     # A correctly signed payload that is not a token is still rejected.
     from pgreplica.lsn import _mac
 
+    now = int(time.time())
     for payload, problem in [
-        ("main=zz", "malformed LSN"),
-        ("main=0/1&main=0/2", "appears twice"),
+        (f"main=zz.{now}", "malformed LSN"),
+        (f"main=0/1&main=0/2.{now}", "appears twice"),
+        ("main=0/1", "no signing time"),
+        ("main=0/1.soon", "no signing time"),
         ("main=0/1&" * 500, "too long"),
     ]:
         with pytest.raises(TokenError, match=problem):
             CausalToken.verify(f"{payload}.{_mac(KEY, payload)}", KEY)
+
+
+def test_signed_tokens_expire_and_are_not_from_the_future() -> None:
+    token = CausalToken({"main": 1})
+    signed = token.sign(KEY, issued_at=1_000_000)
+    assert CausalToken.verify(signed, KEY, now=1_000_000 + 3599) == token
+    with pytest.raises(TokenError, match="expired"):
+        CausalToken.verify(signed, KEY, now=1_000_000 + 3601)
+    assert CausalToken.verify(signed, KEY, max_age=None, now=1_000_000 + 10**7) == token
+    with pytest.raises(TokenError, match="future"):
+        CausalToken.verify(signed, KEY, now=1_000_000 - 3600)
+    with pytest.raises(TokenError, match="expired"):
+        CausalToken.verify(token.sign(KEY, issued_at=time.time() - 61), KEY, max_age=60)

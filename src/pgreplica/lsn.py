@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Iterator, Mapping
 
 from pgreplica.errors import TokenError
@@ -18,6 +19,9 @@ from pgreplica.errors import TokenError
 _LSN_RE = re.compile(r"\A([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\Z")
 _NAME_RE = re.compile(r"\A[A-Za-z0-9_]{1,63}\Z")
 _MAX_TOKEN_TEXT = 4096
+#: How long a signed token is accepted after it was signed, by default (seconds).
+SIGNED_MAX_AGE = 3600.0
+_CLOCK_SKEW = 300.0
 
 
 def parse_lsn(text: str) -> int:
@@ -142,22 +146,44 @@ class CausalToken:
             lsns[name] = parse_lsn(lsn_text)
         return cls(lsns)
 
-    def sign(self, key: bytes | str) -> str:
-        """``str(token)`` followed by ``.`` and a base64url HMAC-SHA256 of it."""
-        payload = str(self)
+    def sign(self, key: bytes | str, *, issued_at: float | None = None) -> str:
+        """``str(token)``, ``.`` and the signing time (Unix seconds), then ``.`` and a
+        base64url HMAC-SHA256 of both: a token through untrusted hands (a cookie, a
+        header) that expires (:meth:`verify`'s ``max_age``)."""
+        issued = int(time.time() if issued_at is None else issued_at)
+        payload = f"{self}.{issued}"
         return f"{payload}.{_mac(key, payload)}"
 
     @classmethod
-    def verify(cls, text: str, key: bytes | str) -> CausalToken:
-        """Parse a signed token; a missing or wrong signature raises :class:`TokenError`."""
+    def verify(
+        cls,
+        text: str,
+        key: bytes | str,
+        *,
+        max_age: float | None = SIGNED_MAX_AGE,
+        now: float | None = None,
+    ) -> CausalToken:
+        """Parse a signed token. A missing or wrong signature, a token signed more than
+        ``max_age`` seconds ago (``None``: no limit) or in the future, or one too large
+        raises :class:`TokenError`."""
         if not isinstance(text, str):
             raise TokenError(f"signed token must be text, got {type(text).__name__}")
+        if len(text) > _MAX_TOKEN_TEXT + 80:
+            raise TokenError(f"token text too long ({len(text)} characters)")
         payload, sep, signature = text.rpartition(".")
         if not sep:
             raise TokenError("token is not signed")
         if not hmac.compare_digest(signature.encode(), _mac(key, payload).encode()):
             raise TokenError("token signature does not match")
-        return cls.parse(payload)
+        body, sep, issued = payload.rpartition(".")
+        if not sep or not issued.isdigit() or len(issued) > 12:
+            raise TokenError("signed token has no signing time")
+        age = (time.time() if now is None else now) - int(issued)
+        if max_age is not None and age > max_age:
+            raise TokenError(f"token expired: signed {age:.0f}s ago, max_age is {max_age:g}s")
+        if age < -_CLOCK_SKEW:
+            raise TokenError(f"token signed {-age:.0f}s in the future")
+        return cls.parse(body)
 
 
 def _mac(key: bytes | str, payload: str) -> str:
