@@ -8,6 +8,15 @@ runs from 4 threads while the fault is injected on one replica. Reported per fau
 median and max seconds from injection until the replica is out of the read set, and
 from repair until it is back, plus the caller-visible errors and stale reads over all
 trials (both must be 0).
+
+Then the hung replica again, seen from the callers: in each trial replica 1 is frozen
+for ``--hang-seconds`` while 4 threads run short reads (``lb.read()``, no token)
+continuously. Reported per trial: the worst latency of the reads that started during
+the hang (from the freeze to the thaw), how many there were, the errors any read
+raised (must be 0), and the seconds from the thaw until the replica is back in the
+read set; then the medians over the trials (and the sum of the errors). The default
+hang (3 s) outlasts ``connect_timeout`` (2 s), so that no read is cut short by the
+thaw, whatever bounds it.
 """
 
 from __future__ import annotations
@@ -69,9 +78,57 @@ def run_fault(
     return out, back, result["t"]
 
 
+def hang_trial(
+    lb: LoadBalancer, cluster: LocalCluster, seconds: float, threads: int = 4
+) -> tuple[float, int, int, float]:
+    """Freeze replica 1 for ``seconds`` under continuous reads. Returns the worst latency
+    of the reads started during the hang, their count, the errors of all reads, and the
+    seconds from the thaw until the replica is back in the read set."""
+    label = f"127.0.0.1:{cluster.port(1)}/postgres"
+    wait_for(lambda: in_read_set(lb, label))
+    stop = threading.Event()
+    # (started, finished, failed) per read; list.append is atomic
+    reads: list[tuple[float, float, bool]] = []
+
+    def reader() -> None:
+        with lb.isolated():
+            while not stop.is_set():
+                started = time.monotonic()
+                failed = False
+                try:
+                    with lb.read() as conn:
+                        conn.execute("SELECT 1").fetchone()
+                except Exception:
+                    failed = True
+                reads.append((started, time.monotonic(), failed))
+
+    workers = [threading.Thread(target=reader) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(0.3)
+        frozen_at = time.monotonic()
+        cluster.freeze(1)
+        try:
+            time.sleep(max(0.0, frozen_at + seconds - time.monotonic()))
+        finally:
+            thawed_at = time.monotonic()
+            cluster.thaw(1)
+        back = wait_for(lambda: in_read_set(lb, label))
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    during = [end - start for start, end, _ in reads if frozen_at <= start < thawed_at]
+    errors = sum(failed for _, _, failed in reads)
+    return max(during, default=0.0), len(during), errors, back
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--hang-seconds", type=float, default=3.0)
     args = parser.parse_args()
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     logging.getLogger("pgreplica").setLevel(logging.ERROR)
@@ -109,6 +166,24 @@ def main() -> None:
                     f"{statistics.median(backs):11.3f}s {len(total.errors):7} "
                     f"{total.stale:6} {total.cycles:7}"
                 )
+
+            print(
+                f"\nhung replica: worst read latency (reads started during a"
+                f" {args.hang_seconds:g} s hang, 4 threads)"
+            )
+            print(f"{'trial':30} {'worst read':>11} {'reads':>8} {'errors':>7} {'back':>12}")
+            worsts, backs_after_thaw, hang_errors = [], [], 0
+            for trial in range(1, args.trials + 1):
+                worst, count, errors, back = hang_trial(lb, cluster, args.hang_seconds)
+                worsts.append(worst)
+                backs_after_thaw.append(back)
+                hang_errors += errors
+                cluster.heal()
+                print(f"{trial:<30} {worst:10.3f}s {count:8} {errors:7} {back:11.3f}s")
+            print(
+                f"{'median (errors: sum)':30} {statistics.median(worsts):10.3f}s {'':8}"
+                f" {hang_errors:7} {statistics.median(backs_after_thaw):11.3f}s"
+            )
     finally:
         cluster.destroy()
 

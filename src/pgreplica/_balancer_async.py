@@ -57,6 +57,8 @@ AConn = AsyncConnection[Any]
 _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
 _CLASSIFIED_MAX = 8192
+#: How long closing a down host's pool waits for its workers before failing waiters.
+_WORKERS_STOP = 0.1
 
 
 class AsyncLoadBalancer(BalancerBase):
@@ -173,7 +175,9 @@ class AsyncLoadBalancer(BalancerBase):
     def _retire_pool(self, host: Host) -> None:
         pool = self._pools.get(host)
         if pool is not None and not host.up:  # not if it came back meanwhile
-            self._in_background(pool.close())
+            # The pool fails its waiting callers only once its workers stop, and one may
+            # be connecting to the hung server for connect_timeout: do not wait for it.
+            self._in_background(pool.close(timeout=_WORKERS_STOP))
 
     def _start_prober(self) -> None:
         self._prober_runner = asyncio.ensure_future(self._prober.run())
@@ -229,7 +233,9 @@ class AsyncLoadBalancer(BalancerBase):
     # sync-only:     # be connecting to the hung server): not in the prober's thread.
     # sync-only:     pool = self._pools.get(host)
     # sync-only:     if pool is not None and not host.up:  # not if it came back meanwhile
-    # sync-only:         threading.Thread(target=pool.close, name="pgreplica-pool-close").start()
+    # sync-only:         threading.Thread(
+    # sync-only:             target=pool.close, args=(_WORKERS_STOP,), name="pgreplica-pool-close"
+    # sync-only:         ).start()
     # sync-only:
     # sync-only: def _wait_background(self) -> None:
     # sync-only:     pass

@@ -47,6 +47,8 @@ AConn = Connection[Any]
 _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
 _CLASSIFIED_MAX = 8192
+#: How long closing a down host's pool waits for its workers before failing waiters.
+_WORKERS_STOP = 0.1
 
 
 class LoadBalancer(BalancerBase):
@@ -166,7 +168,9 @@ class LoadBalancer(BalancerBase):
         # be connecting to the hung server): not in the prober's thread.
         pool = self._pools.get(host)
         if pool is not None and not host.up:  # not if it came back meanwhile
-            threading.Thread(target=pool.close, name="pgreplica-pool-close").start()
+            threading.Thread(
+                target=pool.close, args=(_WORKERS_STOP,), name="pgreplica-pool-close"
+            ).start()
 
     def _wait_background(self) -> None:
         pass
