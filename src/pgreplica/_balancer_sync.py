@@ -141,6 +141,7 @@ class LoadBalancer(BalancerBase):
         every caller waiting for one of its connections, and the connections lent on
         it are aborted; the primary's pool is drained (writes in flight on a slow
         primary are left to finish). A fresh pool comes when the host is back."""
+        self._router.refresh()  # out of the read sets before its callers fail over
         if host.configured_primary:
             self._drain(host)
             return
@@ -276,7 +277,7 @@ class LoadBalancer(BalancerBase):
     # -- internals shared by the units -----------------------------------------------
 
     def _checkout(self, host: Host) -> AConn:
-        if not self._opened or self._pid != os.getpid():
+        if not self._opened:
             self.open()
         pool = self._pools[host]
         try:

@@ -372,11 +372,13 @@ class AsyncRoutingConnection:
     def _need(self, state: Any) -> int:
         return self._lb._router.required(self._route, state)
 
-    async def _connect(self, host: Host, reason: str) -> tuple[Host, AConn, str]:
+    async def _connect(
+        self, host: Host, reason: str, excluded: set[Host] | None = None
+    ) -> tuple[Host, AConn, str]:
         """The server connection for a statement routed to ``host``. A replica whose
         connection cannot be had (down, hung, pool closed or exhausted) gives way to
         another caught-up replica or the primary, as ``lb.read()`` does."""
-        excluded: set[Host] = set()
+        excluded = set() if excluded is None else excluded
         while True:
             try:
                 return host, await self._conn_for(host), reason
@@ -488,14 +490,16 @@ class AsyncRoutingConnection:
         elif is_connection_error(exc):
             await self._drop(host, exc)
             log_fallback(host, exc, "connection_error")
-            replica = await self._caught_up_replica(self._need(current_state()))
+            replica = await self._caught_up_replica(
+                self._need(current_state()), excluded={host}
+            )
             if replica is None:
                 new_host, reason = route.primary, "fallback_primary"
             else:
                 new_host, reason = replica, "fallback_replica"
         else:
             raise exc
-        new_conn = await self._conn_for(new_host)
+        new_host, new_conn, reason = await self._connect(new_host, reason, {host})
         await run(new_conn)
         return new_host, new_conn, reason
 

@@ -344,11 +344,13 @@ class RoutingConnection:
     def _need(self, state: Any) -> int:
         return self._lb._router.required(self._route, state)
 
-    def _connect(self, host: Host, reason: str) -> tuple[Host, AConn, str]:
+    def _connect(
+        self, host: Host, reason: str, excluded: set[Host] | None = None
+    ) -> tuple[Host, AConn, str]:
         """The server connection for a statement routed to ``host``. A replica whose
         connection cannot be had (down, hung, pool closed or exhausted) gives way to
         another caught-up replica or the primary, as ``lb.read()`` does."""
-        excluded: set[Host] = set()
+        excluded = set() if excluded is None else excluded
         while True:
             try:
                 return host, self._conn_for(host), reason
@@ -458,14 +460,14 @@ class RoutingConnection:
         elif is_connection_error(exc):
             self._drop(host, exc)
             log_fallback(host, exc, "connection_error")
-            replica = self._caught_up_replica(self._need(current_state()))
+            replica = self._caught_up_replica(self._need(current_state()), excluded={host})
             if replica is None:
                 new_host, reason = route.primary, "fallback_primary"
             else:
                 new_host, reason = replica, "fallback_replica"
         else:
             raise exc
-        new_conn = self._conn_for(new_host)
+        new_host, new_conn, reason = self._connect(new_host, reason, {host})
         run(new_conn)
         return new_host, new_conn, reason
 

@@ -91,7 +91,10 @@ class _AsyncReadUnit:
             host = route.primary
             conn = await lb._primary_for_read(route, reason)
         else:
-            self._need = 0 if self._max_staleness is not None else lb._router.required(route, state)
+            need = 0 if self._max_staleness is not None else state.token.get(route.name)
+            if need > route.primary.replay_lsn:  # rare: a token newer than the last probe
+                need = lb._router.required(route, state)
+            self._need = need
             host, conn, reason = await lb._connect_read(
                 route, self._need, self._max_staleness, self._max_wait, set()
             )

@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import socket
-import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -313,7 +312,6 @@ class BalancerBase:
         self._lent: dict[Host, set[Any]] = {h: set() for h in self._router.hosts.values()}
         """Connections out of the pools, per host: aborted when the prober marks their
         replica down, so a caller never waits on a server that stopped answering."""
-        self._lent_lock = threading.Lock()
         _BALANCERS.add(self)
 
     def __repr__(self) -> str:
@@ -367,17 +365,16 @@ class BalancerBase:
         self._lent[host].add(conn)
 
     def _unlend(self, host: Host, conn: Any) -> None:
-        with self._lent_lock:  # never abort a connection its pool may be closing
-            self._lent[host].discard(conn)
+        self._lent[host].discard(conn)  # before the pool may close it
 
     def _abort_lent(self, host: Host) -> None:
         """The prober marked ``host`` down: shut the sockets of the connections lent
         on it, so that every caller blocked on it (or about to use it) gets a
         connection error now, which a read unit retries elsewhere when that is safe."""
-        with self._lent_lock:
-            conns = list(self._lent[host])
-            for conn in conns:
-                shutdown_socket(conn)
+        lent = self._lent[host]
+        conns = list(lent)
+        for conn in conns:
+            shutdown_socket(conn, still=lambda c=conn: c in lent)
         if conns:
             logger.warning(
                 "host_aborted host=%s connections=%d: in-flight work on it fails over",
@@ -388,6 +385,8 @@ class BalancerBase:
     # -- fork -------------------------------------------------------------------------
 
     def _check_pid(self) -> None:
+        # Forks through os.fork() (multiprocessing, gunicorn, Celery's billiard) run
+        # the at-fork hook; this catches the others when a child opens the balancer.
         if self._pid != os.getpid():
             self._after_fork()
 
@@ -396,7 +395,6 @@ class BalancerBase:
         without closing them or sending anything on their sockets (the parent still
         uses them); fresh ones start on first use."""
         self._pid = os.getpid()
-        self._lent_lock = threading.Lock()
         for host in self._router.hosts.values():
             host.after_fork()
         inherited: list[Any] = [conn for conns in self._lent.values() for conn in conns]
@@ -453,16 +451,22 @@ def _socket_of(conn: Any) -> int | None:
     return fd if isinstance(fd, int) and fd >= 0 else None
 
 
-def shutdown_socket(conn: Any) -> None:
+def shutdown_socket(conn: Any, still: Any = None) -> None:
     """Shut a connection's socket down (both ways): a thread or task blocked on it
-    sees the connection lost at once, and nothing more is sent to the server."""
+    sees the connection lost at once, and nothing more is sent to the server.
+
+    No lock with the threads that use ``conn``: the descriptor is duplicated first,
+    and shut down only if the connection is still open (and ``still()`` holds)
+    afterwards. A connection is never reopened, so then the duplicate is its socket,
+    not a descriptor number that a close and a new socket could have reused."""
     fd = _socket_of(conn)
     if fd is None:
         return
     with contextlib.suppress(OSError):
         sock = socket.socket(fileno=os.dup(fd))
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            if not conn.closed and (still is None or still()):
+                sock.shutdown(socket.SHUT_RDWR)
         finally:
             sock.close()
 
