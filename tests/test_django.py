@@ -325,6 +325,33 @@ def test_read_your_writes_across_requests_under_lag(
     assert stale["none"] > 0
 
 
+def test_a_replica_read_served_by_the_primary_carries_its_position(
+    client: Any, healthy_cluster: LocalCluster
+) -> None:
+    from django.test import Client
+
+    healthy_cluster.lag(1, "2s")
+    healthy_cluster.lag(2, "2s")
+    created = Client().post(
+        "/api/signatures/", {"name": new_name("mono")}, content_type="application/json"
+    )
+    token = created.headers["X-PgReplica-Token"]
+    # The replicas are behind the token: the read falls back to the primary, and the
+    # response hands the next request a token at least as new as what it saw.
+    response = Client().get(
+        f"/api/signatures/{created.json()['id']}/", HTTP_X_PGREPLICA_TOKEN=token
+    )
+    assert response.status_code == 200
+    carried = response.headers.get("X-PgReplica-Token")
+    assert carried, "a read served by the primary handed back no token"
+    from django.conf import settings
+
+    from pgreplica import CausalToken
+
+    key = settings.SECRET_KEY
+    assert CausalToken.verify(carried, key).covers(CausalToken.verify(token, key))
+
+
 def test_tampered_token_is_ignored(client: Any) -> None:
     response = client.get("/api/signatures/", HTTP_X_PGREPLICA_TOKEN="default=FF/FFFFFFFF.forged")
     assert response.status_code == 200

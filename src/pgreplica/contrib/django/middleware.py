@@ -57,7 +57,9 @@ class PgReplicaMiddleware:
                     response = self.get_response(request)
             finally:
                 REQUEST.reset(token)
-            if state.wrote:
+            # A write, or a replica-enabled request that had to read the primary: the
+            # next request must see at least that (read-your-writes, monotonic reads).
+            if state.wrote or state.read_primary:
                 self._capture(lb)
                 signed = lb.token().sign(self.key)
                 response[self.header_name] = signed

@@ -36,6 +36,9 @@ class RequestState:
     alias: str | None = None
     """The replica alias pinned for this request, once chosen."""
     wrote: bool = False
+    read_primary: bool = False
+    """A replica-enabled part of the request read the primary (a fallback): the next
+    request must not see older data (monotonic reads)."""
     served: set[str] = field(default_factory=set)
     """Aliases that ran a query during the request."""
 
@@ -129,6 +132,8 @@ def track_queries(state: RequestState) -> Iterator[None]:
             execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
         ) -> Any:
             state.served.add(alias)
+            if alias == primary and state.replica:
+                state.read_primary = True
             if alias == primary and not classify(sql if isinstance(sql, str) else str(sql)).replica:
                 state.wrote = True
                 state.primary_only = True

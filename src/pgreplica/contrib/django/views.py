@@ -40,6 +40,7 @@ def replica_reads() -> Iterator[RequestState]:
         REQUEST.reset(token)
         if outer is not None:
             outer.wrote = outer.wrote or state.wrote
+            outer.read_primary = outer.read_primary or state.read_primary
             outer.served |= state.served
 
 
