@@ -289,3 +289,22 @@ def test_a_replica_of_another_cluster_never_serves_reads(
             with balancer.read(max_staleness=60) as conn:
                 conn.execute("SELECT 1")
                 assert not conn.on_replica
+
+
+def test_a_write_whose_position_cannot_be_read_is_never_an_error(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    broken = psycopg.connect(healthy_cluster.primary_dsn, autocommit=True)
+    broken.close()  # the connection the write ran on is gone when its position is read
+    with lb.isolated(), lb.connection() as conn:
+        conn._capture_lsn(broken)  # asks a fresh pooled connection instead
+        position = lb.token().get("main")
+        assert 0 < position < UNKNOWN_POSITION
+    primary = lb._router.route("main").primary
+    # and no fresh connection can be had either (its pool closed, the primary held
+    # down: the breaker keeps it so for at least 0.1 s, far longer than this takes)
+    lb._pools[primary].close()
+    primary.record_failure("OperationalError", "injected", rand=0.0)
+    with lb.isolated(), lb.connection() as conn:
+        conn._capture_lsn(broken)
+        assert lb.token().get("main") == UNKNOWN_POSITION
