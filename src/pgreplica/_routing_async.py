@@ -37,11 +37,11 @@ from pgreplica.balancer import (
     is_connection_error,
     log_fallback,
     log_routed,
+    record_commit,
 )
-from pgreplica.context import current_state, note_read, record_write
+from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, error_reason
-from pgreplica.lsn import CausalToken, parse_lsn
 from pgreplica.sql import Classification, could_write
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class AsyncRoutingConnection:
                 await self._primary_failed(host, exc, unknown=True)
                 raise
             if wrote and wrote[0]:
-                self._record(row)
+                record_commit(self._route, row)
             return
         await conn.commit()
         await self._transaction_ended(host, committed=True)
@@ -512,7 +512,7 @@ class AsyncRoutingConnection:
         await self._drop(host, exc)
         self._pinned, self._wrote = None, False
         if unknown:
-            self._record_position(UNKNOWN_POSITION)
+            record_commit(self._route, None)
         raise PrimaryUnavailable(
             f"lost the primary {host.label} of {self._route.name!r} ({error_reason(exc)}):"
             " the outcome of the statement is unknown",
@@ -561,12 +561,9 @@ class AsyncRoutingConnection:
         except psycopg.Error:
             row = await self._position_elsewhere()
         except BaseException:
-            self._record_position(UNKNOWN_POSITION)
+            record_commit(self._route, None)
             raise  # cancelled: the unknown position stands in for the write
-        if row and row[0]:
-            self._record(row)
-        else:
-            self._record_position(UNKNOWN_POSITION)
+        record_commit(self._route, row)
 
     async def _position_elsewhere(self) -> Any:
         primary = self._route.primary
@@ -581,14 +578,6 @@ class AsyncRoutingConnection:
         finally:
             await self._lb._checkin(primary, fresh)
 
-    def _record(self, row: Any) -> None:
-        if row and row[0]:
-            position = parse_lsn(row[0])
-            self._route.primary.note_replay_lsn(position)
-            self._record_position(position)
-
-    def _record_position(self, position: int) -> None:
-        record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
 
 
 class AsyncCursorProxy:

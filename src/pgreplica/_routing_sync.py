@@ -20,11 +20,11 @@ from pgreplica.balancer import (
     is_connection_error,
     log_fallback,
     log_routed,
+    record_commit,
 )
-from pgreplica.context import current_state, note_read, record_write
+from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, error_reason
-from pgreplica.lsn import CausalToken, parse_lsn
 from pgreplica.sql import Classification, could_write
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class RoutingConnection:
                 self._primary_failed(host, exc, unknown=True)
                 raise
             if wrote and wrote[0]:
-                self._record(row)
+                record_commit(self._route, row)
             return
         conn.commit()
         self._transaction_ended(host, committed=True)
@@ -480,7 +480,7 @@ class RoutingConnection:
         self._drop(host, exc)
         self._pinned, self._wrote = None, False
         if unknown:
-            self._record_position(UNKNOWN_POSITION)
+            record_commit(self._route, None)
         raise PrimaryUnavailable(
             f"lost the primary {host.label} of {self._route.name!r} ({error_reason(exc)}):"
             " the outcome of the statement is unknown",
@@ -529,12 +529,9 @@ class RoutingConnection:
         except psycopg.Error:
             row = self._position_elsewhere()
         except BaseException:
-            self._record_position(UNKNOWN_POSITION)
+            record_commit(self._route, None)
             raise  # cancelled: the unknown position stands in for the write
-        if row and row[0]:
-            self._record(row)
-        else:
-            self._record_position(UNKNOWN_POSITION)
+        record_commit(self._route, row)
 
     def _position_elsewhere(self) -> Any:
         primary = self._route.primary
@@ -548,15 +545,6 @@ class RoutingConnection:
             return None
         finally:
             self._lb._checkin(primary, fresh)
-
-    def _record(self, row: Any) -> None:
-        if row and row[0]:
-            position = parse_lsn(row[0])
-            self._route.primary.note_replay_lsn(position)
-            self._record_position(position)
-
-    def _record_position(self, position: int) -> None:
-        record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
 
 
 class CursorProxy:

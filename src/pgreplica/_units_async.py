@@ -23,16 +23,15 @@ from pgreplica._routing_async import AsyncCursorProxy
 from pgreplica.balancer import (
     COMMIT_SQL,
     LSN_SQL,
-    UNKNOWN_POSITION,
     is_connection_error,
     is_recovery_conflict,
     log_fallback,
     log_routed,
+    record_commit,
 )
-from pgreplica.context import current_state, note_read, record_write
+from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, error_reason
-from pgreplica.lsn import CausalToken, parse_lsn
 
 if TYPE_CHECKING:
     from pgreplica._balancer_async import AsyncLoadBalancer
@@ -308,7 +307,7 @@ class _AsyncWriteUnit:
                     lb._host_failed(host, exc)
                     # What the unit committed before (conn.commit() in a batch) is
                     # unknown: reads must not trust replicas until a probe bounds it.
-                    self._record_unknown()
+                    record_commit(self._route, None)
                     raise PrimaryUnavailable(
                         f"lost the primary {host.label} of {self._route.name!r} during a"
                         f" write unit ({error_reason(exc)})",
@@ -353,7 +352,7 @@ class _AsyncWriteUnit:
                 host=self._host.label,
                 reason="commit_unknown",
             ) from exc
-        self._record(row)
+        record_commit(self._route, row)
 
     async def _record_position(self, conn: AConn) -> None:
         """Advance the token to the primary's WAL position now (autocommit, no
@@ -364,17 +363,4 @@ class _AsyncWriteUnit:
             row = await cur.fetchone()
         except psycopg.Error:
             row = None
-        if row and row[0]:
-            self._record(row)
-        else:
-            self._record_unknown()
-
-    def _record(self, row: Any) -> None:
-        if row and row[0]:
-            position = parse_lsn(row[0])
-            self._route.primary.note_replay_lsn(position)
-            record_write(CausalToken(dict.fromkeys(self._route.shares_primary_with, position)))
-
-    def _record_unknown(self) -> None:
-        names = self._route.shares_primary_with
-        record_write(CausalToken(dict.fromkeys(names, UNKNOWN_POSITION)))
+        record_commit(self._route, row)

@@ -24,10 +24,10 @@ import psycopg
 import psycopg_pool
 
 from pgreplica.config import DatabaseConfig, Dsn, Settings
-from pgreplica.context import RouteState, Scope, current_state, isolated
+from pgreplica.context import RouteState, Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
-from pgreplica.lsn import CausalToken
+from pgreplica.lsn import CausalToken, parse_lsn
 from pgreplica.sql import Classification
 
 __all__ = ["BalancerBase", "Router"]
@@ -491,6 +491,17 @@ def release_inherited(item: Any) -> None:
                 os.dup2(devnull, fd)
             finally:
                 os.close(devnull)
+
+
+def record_commit(route: DatabaseRoute, row: Any) -> None:
+    """The current context committed on ``route``'s primary; ``row`` holds the WAL
+    position read after the commit (none: the position is unknown, and reads go to
+    the primary until a probe bounds it, see :meth:`Router.required`). Every database
+    sharing that primary advances."""
+    position = parse_lsn(row[0]) if row and row[0] else UNKNOWN_POSITION
+    if position != UNKNOWN_POSITION:
+        route.primary.note_replay_lsn(position)  # no need to wait for the next probe
+    record_write(CausalToken(dict.fromkeys(route.shares_primary_with, position)))
 
 
 def log_fallback(host: Host, exc: BaseException, reason: str) -> None:
