@@ -373,7 +373,7 @@ class LoadBalancer(BalancerBase):
                             self._host_failed(host, exc)
                             excluded.add(host)
                     self._checkin(host, conn)
-            if max_wait > 0 and route.read_set:
+            if max_wait > 0 and route.read_set and need != UNKNOWN_POSITION:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + max_wait
@@ -382,7 +382,10 @@ class LoadBalancer(BalancerBase):
                     delay = min(delay * 2, _POLL_MAX)
                     continue
             break
-        reason = "replicas_behind" if route.read_set else "no_healthy_replica"
+        if need == UNKNOWN_POSITION:
+            reason = "position_unprovable"
+        else:
+            reason = "replicas_behind" if route.read_set else "no_healthy_replica"
         return route.primary, self._primary_for_read(route, reason), reason
 
     def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:

@@ -19,7 +19,7 @@ from typing import TypeAlias, cast
 import psycopg
 
 from pgreplica._fork import ForkSafeLock
-from pgreplica.balancer import CHECKOUT_ERRORS, DatabaseRoute
+from pgreplica.balancer import CHECKOUT_ERRORS, UNKNOWN_POSITION, DatabaseRoute, Router
 from pgreplica.context import RouteState, Scope
 from pgreplica.errors import ConfigError, PgReplicaError, TokenError
 from pgreplica.health import Host
@@ -390,18 +390,21 @@ def _early_outcome(
 
 
 def _needs(
-    routes: Mapping[str, DatabaseRoute], token: CausalToken
+    router: Router, token: CausalToken, adopted_at: float
 ) -> list[tuple[DatabaseRoute, int]] | None:
-    """(route, position) for each configured database the token names; ``None`` when
-    one of them has no replica at all (nothing to wait or retry for)."""
+    """(route, position) for each configured database the token names, bounded and
+    checked against the primary's history as reads are (:meth:`Router.required`);
+    ``None`` when one of them has no replica at all, or a position no replica can
+    prove (nothing to wait or retry for: the job runs on the primary)."""
     needs: list[tuple[DatabaseRoute, int]] = []
-    for name, position in token.items():
-        route = routes.get(name)
+    for name, _ in token.items():
+        route = router.databases.get(name)
         if route is None:
             continue  # a database this balancer does not route: nothing to read there
-        if not route.replicas:
+        need = router.required(route, token, adopted_at)
+        if not route.replicas or need == UNKNOWN_POSITION:
             return None
-        needs.append((route, position))
+        needs.append((route, need))
     return needs
 
 
@@ -411,22 +414,6 @@ def _late_outcome(kind: DataConsistency, attempt: int, caught_up: bool, can_retr
     if kind is DataConsistency.DELAYED and attempt == 0 and can_retry:
         return RETRY
     return PRIMARY
-
-
-def _group_by_primary(
-    routes: Mapping[str, DatabaseRoute], state: RouteState
-) -> tuple[dict[str, int], dict[Host, list[str]]]:
-    """Positions known from the context's writes, and the databases (grouped by their
-    primary, so that databases sharing one cost a single query) that need the primary's
-    current position."""
-    known: dict[str, int] = {}
-    missing: dict[Host, list[str]] = {}
-    for name, route in routes.items():
-        if state.written.get(name):
-            known[name] = state.token.get(name)
-        else:
-            missing.setdefault(route.primary, []).append(name)
-    return known, missing
 
 
 def _log_capture_failed(host: Host, exc: BaseException) -> None:

@@ -30,12 +30,13 @@ from pgreplica.balancer import (
     LSN_SQL,
     UNKNOWN_POSITION,
     DatabaseRoute,
+    bound_positions,
     is_connection_error,
 )
 from pgreplica.context import current_state
 from pgreplica.errors import PgReplicaError
 from pgreplica.health import Host
-from pgreplica.lsn import CausalToken, parse_lsn
+from pgreplica.lsn import parse_lsn
 
 __all__ = ["capture", "start_job"]
 
@@ -58,7 +59,8 @@ def capture(lb: LoadBalancer) -> dict[str, str]:
     the primary (``primary_no_wal``) rather than on a replica that might be behind.
     """
     state = current_state()
-    known: dict[str, int] = {}
+    asked: dict[str, int] = {}  # positions asked now, of the primary's history
+    carried: list[str] = []  # databases whose token position also travels
     missing: dict[Host, list[str]] = {}
     for name, route in lb._router.databases.items():
         hosts = [host for db, host in state.read_from if db == name]
@@ -68,12 +70,13 @@ def capture(lb: LoadBalancer) -> dict[str, str]:
             missing.setdefault(route.primary, []).append(name)
             continue
         if state.written.get(name):
-            known[name] = state.token.get(name)
+            carried.append(name)
             continue
         if hosts and route.primary not in hosts:
             position = _replicas_position(lb, hosts)  # type: ignore[arg-type]
             if position:
-                known[name] = max(position, state.token.get(name))
+                asked[name] = position
+                carried.append(name)
                 continue
         missing.setdefault(route.primary, []).append(name)
     for host, names in missing.items():
@@ -83,11 +86,10 @@ def capture(lb: LoadBalancer) -> dict[str, str]:
             _log_capture_failed(host, exc)
             return {}
         for name in names:
-            token_position = state.token.get(name)
-            if token_position == UNKNOWN_POSITION:
-                token_position = 0  # the position asked now is past that write
-            known[name] = max(position, token_position)
-    return CausalToken(known).as_dict()
+            asked[name] = position
+            if state.token.get(name) != UNKNOWN_POSITION:  # the position asked is past it
+                carried.append(name)
+    return (bound_positions(lb._router, asked) | state.token.only(carried)).as_dict()
 
 
 def _replicas_position(lb: LoadBalancer, hosts: list[Host]) -> int:
@@ -162,11 +164,11 @@ def start_job(
     waited = 0.0
     if outcome is None:
         assert token is not None
-        needs = _needs(lb._router.databases, token)
+        lb.open()  # waits for the first probes, in every thread that asks
+        needs = _needs(lb._router, token, time.monotonic())
         if needs is None:
             outcome = PRIMARY
         else:
-            lb.open()  # waits for the first probes, in every thread that asks
             caught_up, waited = _wait_caught_up(lb, needs, policy)
             outcome = _late_outcome(kind, attempt, caught_up, can_retry)
     return _finish(job, kind, outcome, token, attempt, waited)

@@ -370,7 +370,7 @@ class AsyncRoutingConnection:
         return self._route.primary
 
     def _need(self, state: Any) -> int:
-        return self._lb._router.required(self._route, state)
+        return self._lb._router.required(self._route, state.token, state.grown_at)
 
     async def _connect(
         self, host: Host, reason: str, excluded: set[Host] | None = None
@@ -490,9 +490,7 @@ class AsyncRoutingConnection:
         elif is_connection_error(exc):
             await self._drop(host, exc)
             log_fallback(host, exc, "connection_error")
-            replica = await self._caught_up_replica(
-                self._need(current_state()), excluded={host}
-            )
+            replica = await self._caught_up_replica(self._need(current_state()), excluded={host})
             if replica is None:
                 new_host, reason = route.primary, "fallback_primary"
             else:
@@ -577,7 +575,6 @@ class AsyncRoutingConnection:
             return None
         finally:
             await self._lb._checkin(primary, fresh)
-
 
 
 class AsyncCursorProxy:

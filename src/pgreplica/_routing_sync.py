@@ -342,7 +342,7 @@ class RoutingConnection:
         return self._route.primary
 
     def _need(self, state: Any) -> int:
-        return self._lb._router.required(self._route, state)
+        return self._lb._router.required(self._route, state.token, state.grown_at)
 
     def _connect(
         self, host: Host, reason: str, excluded: set[Host] | None = None

@@ -84,8 +84,8 @@ class _ReadUnit:
             conn = lb._primary_for_read(route, reason)
         else:
             need = 0 if self._max_staleness is not None else state.token.get(route.name)
-            if need > route.primary.replay_lsn:  # rare: a token newer than the last probe
-                need = lb._router.required(route, state)
+            if need:  # bounded by the primary, bound to its history
+                need = lb._router.required(route, state.token, state.grown_at)
             self._need = need
             host, conn, reason = lb._connect_read(
                 route, self._need, self._max_staleness, self._max_wait, set()

@@ -24,10 +24,10 @@ import psycopg
 import psycopg_pool
 
 from pgreplica.config import DatabaseConfig, Dsn, Settings
-from pgreplica.context import RouteState, Scope, current_state, isolated, record_write
+from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
-from pgreplica.lsn import CausalToken, parse_lsn
+from pgreplica.lsn import CausalToken, parse_lsn, split_origin
 from pgreplica.sql import Classification
 
 __all__ = ["BalancerBase", "Router"]
@@ -194,35 +194,58 @@ class Router:
             route.read_set = tuple(usable)
         self.refreshed_at = now
 
-    def required(self, route: DatabaseRoute, state: RouteState) -> int:
-        """The position a read of ``route`` must see for the context in ``state``.
+    def required(self, route: DatabaseRoute, token: CausalToken, grown_at: float) -> int:
+        """The position a read of ``route`` must see for a context holding ``token``
+        (last grown at ``grown_at``, ``time.monotonic()``); :data:`UNKNOWN_POSITION`
+        when no replica can prove it and the read belongs on the primary.
 
-        A token position beyond the primary's last probed insert position is either
-        newer than that probe (a write that just committed) or not from this primary's
-        history (another cluster, a timeline lost in a failover, a forged token, or a
-        write whose position could not be read back). It is the latter once the primary
-        has been probed after the token last grew: then the probed position bounds it,
-        so such a token costs nothing after one probe interval."""
-        need = state.token.get(route.name)
+        - A position bound to another history than the primary's (another cluster, a
+          timeline that a failover ended before that position, a timeline the primary
+          has not reached) proves nothing about any replica: the primary serves it.
+          One of an earlier timeline at or before the point where that timeline ended
+          in the primary's history is kept.
+        - A position beyond the primary's last probed insert position is either newer
+          than that probe (a write that just committed) or not from this primary's
+          history (a forged or unbound token from elsewhere, or a write whose position
+          could not be read back). It is the latter once the primary has been probed
+          after the token last grew: the probed position then bounds it, so such a
+          token costs nothing after one probe interval."""
+        name = route.name
+        need = token.get(name)
+        if not need:
+            return 0
         primary = route.primary
+        origin = token.origin(name)
+        if origin != primary.origin and not _in_history(primary, need, origin):
+            self._warn_token(route, "token_from_other_history", origin)
+            return UNKNOWN_POSITION
         if need <= primary.replay_lsn:
             return need
-        if primary.replay_lsn and primary.probe_started_at > state.grown_at:
+        if primary.replay_lsn and primary.probe_started_at > grown_at:
             if need != UNKNOWN_POSITION:
-                self._warn_clamped(route, need)
+                self._warn_token(route, "token_ahead_of_primary", origin)
             return primary.replay_lsn
         return need
 
-    def _warn_clamped(self, route: DatabaseRoute, need: int) -> None:
+    def _warn_token(self, route: DatabaseRoute, event: str, origin: str | None) -> None:
         now = time.monotonic()
         if now - route.clamp_warned_at >= 10.0:
             route.clamp_warned_at = now
+            why = (
+                "a token position the primary never reached (another cluster, a lost"
+                " timeline or a forged token) is bounded by the primary's position"
+                if event == "token_ahead_of_primary"
+                else "a token position from another cluster or from a timeline that"
+                " ended before it is read on the primary"
+            )
             logger.warning(
-                "token_ahead_of_primary database=%s primary=%s: a token position the"
-                " primary never reached (another cluster, a lost timeline or a forged"
-                " token) is bounded by the primary's position",
+                "%s database=%s primary=%s primary_origin=%s token_origin=%s: %s",
+                event,
                 route.name,
                 route.primary.label,
+                route.primary.origin,
+                origin,
+                why,
             )
 
     def caught_up(
@@ -264,6 +287,20 @@ class Router:
             application_name=s.application_name,
             on_change=self.refresh,
         )
+
+
+def _in_history(primary: Host, position: int, origin: str | None) -> bool:
+    """``position`` of ``origin`` may be part of ``primary``'s history: unbound, or the
+    primary's history unknown, or the same cluster and an earlier timeline that ended
+    at or after ``position`` (the primary's timeline history file says where)."""
+    if origin is None or primary.origin is None:
+        return True
+    timeline, system = split_origin(origin)
+    current, primary_system = split_origin(primary.origin)
+    if system != primary_system or timeline >= current:
+        return False
+    ended = primary.history.get(timeline)
+    return ended is not None and position <= ended
 
 
 def same_history(primary: Host, replica: Host) -> bool:
@@ -501,7 +538,28 @@ def record_commit(route: DatabaseRoute, row: Any) -> None:
     position = parse_lsn(row[0]) if row and row[0] else UNKNOWN_POSITION
     if position != UNKNOWN_POSITION:
         route.primary.note_replay_lsn(position)  # no need to wait for the next probe
-    record_write(CausalToken(dict.fromkeys(route.shares_primary_with, position)))
+    record_write(primary_token(route, position))
+
+
+def bound_positions(router: Router, positions: dict[str, int]) -> CausalToken:
+    """A token of ``positions`` (database -> a position of its primary's history, asked
+    just now), each bound to its primary's origin when known."""
+    origins: dict[str, str] = {}
+    for name in positions:
+        origin = router.databases[name].primary.origin
+        if origin is not None:
+            origins[name] = origin
+    return CausalToken(positions, origins)
+
+
+def primary_token(route: DatabaseRoute, position: int) -> CausalToken:
+    """``position`` of ``route``'s primary for every database sharing that primary,
+    bound to the primary's history (timeline and system identifier) when known."""
+    names = route.shares_primary_with
+    origin = route.primary.origin
+    if origin is None or position == UNKNOWN_POSITION:
+        return CausalToken(dict.fromkeys(names, position))
+    return CausalToken(dict.fromkeys(names, position), dict.fromkeys(names, origin))
 
 
 def log_fallback(host: Host, exc: BaseException, reason: str) -> None:

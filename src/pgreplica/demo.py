@@ -27,10 +27,14 @@ REASONS = {
     "replica_checked": "replica caught up, confirmed by asking it directly",
     "replicas_behind": "primary: no replica had replayed the caller's write yet",
     "no_healthy_replica": "primary: no replica up and within the lag bounds",
+    "position_unprovable": "primary: a position no replica can prove (unknown, or from"
+    " another cluster or timeline)",
     "fallback_replica": "replica, after the first one failed mid-read",
     "fallback_primary": "primary, after a replica failed mid-read",
     "fallback_replicas_behind": "primary, after a replica failed and none other had caught up",
     "fallback_no_healthy_replica": "primary, after the last healthy replica failed",
+    "fallback_position_unprovable": "primary, after a replica failed, for a position no"
+    " replica can prove",
 }
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import psycopg
 
 from pgreplica.config import Dsn
-from pgreplica.lsn import parse_lsn
+from pgreplica.errors import TokenError
+from pgreplica.lsn import origin_of, parse_lsn
 
 __all__ = ["Backoff", "BreakerState", "Host", "HostStatus", "Prober", "ProberThread"]
 
@@ -41,6 +42,8 @@ SELECT pg_is_in_recovery(),
        (CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn() END)::text"""
 #: Asked once per probe connection: which cluster the server belongs to.
 SYSTEM_SQL = "SELECT system_identifier::text FROM pg_control_system()"
+#: Read when a primary's timeline changes: where each earlier timeline ended.
+HISTORY_SQL = "SELECT pg_read_file(%s)"
 
 
 class BreakerState(enum.Enum):
@@ -117,6 +120,14 @@ class Host:
         """``pg_control_system().system_identifier``: which cluster the server is in."""
         self.timeline: int | None = None
         """The timeline the primary writes (or a replica receives), when known."""
+        self.origin: str | None = None
+        """``"<timeline>-<system identifier>"`` once both are known: the history a
+        position written here belongs to (see :class:`~pgreplica.CausalToken`)."""
+        self.history: dict[int, int] = {}
+        """Of a server out of recovery: each earlier timeline of its history and the
+        position where that timeline ended (its timeline history file), when readable."""
+        self.history_timeline = 0
+        """The timeline :attr:`history` was read for."""
         self.lag_bytes: int | None = None
         self.lag_seconds: float | None = None
         self.lagging = False
@@ -180,6 +191,7 @@ class Host:
                 self.timeline = timeline
             if system_identifier:
                 self.system_identifier = system_identifier
+            self.origin = origin_of(self.timeline, self.system_identifier)
             self.state = BreakerState.CLOSED
             self.failures = 0
             self.last_error = None
@@ -391,6 +403,10 @@ class Prober:
                 timeline=int(str(timeline)) if timeline is not None else None,
                 flush_lsn=parse_lsn(str(flush_text)) if flush_text else None,
             )
+            if not in_recovery and host.timeline and host.timeline != host.history_timeline:
+                tli = host.timeline
+                host.history = await asyncio.wait_for(_history(conn, tli), self.timeout)
+                host.history_timeline = tli
             return conn
         except asyncio.CancelledError:
             raise
@@ -417,6 +433,37 @@ async def _system_identifier(conn: psycopg.AsyncConnection[tuple[object, ...]]) 
     except psycopg.errors.InsufficientPrivilege:
         return None
     return str(row[0]) if row and row[0] else None
+
+
+async def _history(
+    conn: psycopg.AsyncConnection[tuple[object, ...]], timeline: int
+) -> dict[int, int]:
+    """Earlier timeline -> the position where it ended, from the server's timeline
+    history file (reading it needs superuser or ``pg_read_server_files``; without that,
+    or on timeline 1, the history is empty and tokens of earlier timelines go to the
+    primary)."""
+    if timeline <= 1:
+        return {}
+    try:
+        cur = await conn.execute(HISTORY_SQL, (f"pg_wal/{timeline:08X}.history",))
+        row = await cur.fetchone()
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFile):
+        return {}
+    return parse_history(str(row[0])) if row and row[0] else {}
+
+
+def parse_history(text: str) -> dict[int, int]:
+    """``"1\t0/3000198\tno recovery target specified\n"`` -> ``{1: 0x3000198}``."""
+    ended: dict[int, int] = {}
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip().isdigit():
+            continue  # comments and blank lines
+        try:
+            ended[int(fields[0])] = parse_lsn(fields[1].strip())
+        except TokenError:
+            continue
+    return ended
 
 
 def _retrieve(future: asyncio.Future[object]) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from pgreplica.errors import TokenError
 
@@ -37,20 +37,70 @@ def format_lsn(position: int) -> str:
     return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
+_ORIGIN_RE = re.compile(r"\A([1-9][0-9]{0,9})-([0-9]{1,20})\Z")
+
+
+def origin_of(timeline: int | None, system_identifier: str | None) -> str | None:
+    """The origin a position is bound to: ``"<timeline>-<system identifier>"``, the
+    history it belongs to (``None`` when either is unknown)."""
+    if not timeline or not system_identifier:
+        return None
+    return f"{timeline}-{system_identifier}"
+
+
+def split_origin(origin: str) -> tuple[int, str]:
+    """``"2-7312345678901234567"`` -> ``(2, "7312345678901234567")``."""
+    timeline, _, system = origin.partition("-")
+    return int(timeline), system
+
+
+def _parse_entry(name: str, text: str) -> tuple[int, str | None]:
+    lsn_text, sep, origin = text.partition("@")
+    if sep and not _ORIGIN_RE.match(origin):
+        raise TokenError(
+            f"malformed origin {origin[:40]!r} for {name!r}: expected"
+            " '<timeline>-<system identifier>' in decimal"
+        )
+    return parse_lsn(lsn_text), origin if sep else None
+
+
+def _wins(position: int, origin: str | None, old: int, old_origin: str | None) -> bool:
+    """Whether (``position``, ``origin``) replaces (``old``, ``old_origin``) in a merge.
+
+    In one history (or when either is unbound) the later position wins, a bound one on
+    a tie. Across histories the later timeline wins (a failover's new history), then
+    the later position, then the larger system identifier: any order is arbitrary
+    there, this one is at least the same whichever side is merged into which."""
+    if origin == old_origin or origin is None or old_origin is None:
+        return position > old or (position == old and old_origin is None and origin is not None)
+    timeline, system = split_origin(origin)
+    old_timeline, old_system = split_origin(old_origin)
+    return (timeline, position, int(system)) > (old_timeline, old, int(old_system))
+
+
 class CausalToken:
     """An immutable map: logical database -> the LSN a reader must have seen.
 
-    Tokens only grow: ``a | b`` keeps the larger LSN per database. ``str(token)`` is a
-    compact text safe in a header, a cookie or a message (``main=0/16B3748&ci=0/52A0``);
-    :meth:`sign` adds an HMAC-SHA256 for transport through untrusted hands.
+    Tokens only grow: ``a | b`` keeps the later position per database. ``str(token)``
+    is a compact text safe in a header, a cookie or a message
+    (``main=0/16B3748@1-7312345678901234567&ci=0/52A0``); :meth:`sign` adds an
+    HMAC-SHA256 for transport through untrusted hands.
+
+    A position may be bound to its *origin*, ``<timeline>-<system identifier>`` of the
+    primary that wrote it: the router then knows a token from another cluster, or one
+    from a timeline that a failover ended after that position, and sends such reads to
+    the primary instead of trusting a replica that cannot have those writes.
     """
 
-    __slots__ = ("_hash", "_lsns")
+    __slots__ = ("_hash", "_lsns", "_origins")
 
     _lsns: dict[str, int]
+    _origins: dict[str, str]
     _hash: int | None
 
-    def __init__(self, lsns: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, lsns: Mapping[str, int] | None = None, origins: Mapping[str, str] | None = None
+    ) -> None:
         clean: dict[str, int] = {}
         for name, position in (lsns or {}).items():
             if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -61,13 +111,22 @@ class CausalToken:
                 raise TokenError(f"LSN for {name!r} out of range: {position}")
             if position:
                 clean[name] = position
+        bound: dict[str, str] = {}
+        for name, origin in (origins or {}).items():
+            if name not in clean or origin is None:
+                continue
+            if not isinstance(origin, str) or not _ORIGIN_RE.match(origin):
+                raise TokenError(f"malformed origin for {name!r}: {str(origin)[:40]!r}")
+            bound[name] = origin
         self._lsns = clean
+        self._origins = bound
         self._hash = None
 
     @classmethod
-    def _trusted(cls, lsns: dict[str, int]) -> CausalToken:
+    def _trusted(cls, lsns: dict[str, int], origins: dict[str, str]) -> CausalToken:
         token = object.__new__(cls)
         token._lsns = lsns
+        token._origins = origins
         token._hash = None
         return token
 
@@ -75,54 +134,90 @@ class CausalToken:
         """The LSN required for ``database`` (0 when the token says nothing about it)."""
         return self._lsns.get(database, 0)
 
+    def origin(self, database: str) -> str | None:
+        """The origin of ``database``'s position (``None``: unbound or absent)."""
+        return self._origins.get(database)
+
     def __or__(self, other: CausalToken) -> CausalToken:
         if not isinstance(other, CausalToken):
             return NotImplemented
-        if not other._lsns or other._lsns == self._lsns:
+        if not other._lsns or (other._lsns == self._lsns and other._origins == self._origins):
             return self
         if not self._lsns:
             return other
         merged = dict(self._lsns)
+        origins = dict(self._origins)
         for name, position in other._lsns.items():
-            if position > merged.get(name, 0):
+            origin = other._origins.get(name)
+            if name not in merged or _wins(position, origin, merged[name], origins.get(name)):
                 merged[name] = position
-        return CausalToken._trusted(merged)
+                if origin is None:
+                    origins.pop(name, None)
+                else:
+                    origins[name] = origin
+        return CausalToken._trusted(merged, origins)
 
     def covers(self, other: CausalToken) -> bool:
-        """True when every position of ``other`` is at or below this token's."""
-        return all(self._lsns.get(n, 0) >= p for n, p in other._lsns.items())
+        """True when every position of ``other`` is at or below this token's (of the
+        same history, when both are bound)."""
+        for name, position in other._lsns.items():
+            mine = self._lsns.get(name, 0)
+            origin, my_origin = other._origins.get(name), self._origins.get(name)
+            if origin is None or my_origin is None or origin == my_origin:
+                if mine < position:
+                    return False
+            elif _wins(position, origin, mine, my_origin):
+                return False
+        return True
+
+    def only(self, databases: Iterable[str]) -> CausalToken:
+        """The positions of ``databases`` alone (with their origins)."""
+        keep = {n: self._lsns[n] for n in databases if n in self._lsns}
+        return CausalToken._trusted(keep, {n: o for n, o in self._origins.items() if n in keep})
 
     def items(self) -> Iterator[tuple[str, int]]:
         return iter(sorted(self._lsns.items()))
 
+    def _text(self, name: str, position: int) -> str:
+        origin = self._origins.get(name)
+        return format_lsn(position) if origin is None else f"{format_lsn(position)}@{origin}"
+
     def as_dict(self) -> dict[str, str]:
-        """``{"main": "0/16B3748"}``: the form job headers and message envelopes carry."""
-        return {name: format_lsn(position) for name, position in self.items()}
+        """``{"main": "0/16B3748@1-7312345678901234567"}``: the form job headers and
+        message envelopes carry (``@`` and the origin only for a bound position)."""
+        return {name: self._text(name, position) for name, position in self.items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, str]) -> CausalToken:
         if not isinstance(data, Mapping):
             raise TokenError(f"token must be a mapping, got {type(data).__name__}")
         lsns: dict[str, int] = {}
+        origins: dict[str, str] = {}
         for name, text in data.items():
             if not isinstance(text, str):
                 raise TokenError(f"LSN for {name!r} must be text like '0/16B3748'")
-            lsns[name] = parse_lsn(text)
-        return cls(lsns)
+            lsns[name], origin = _parse_entry(str(name), text)
+            if origin is not None:
+                origins[name] = origin
+        return cls(lsns, origins)
 
     def __bool__(self) -> bool:
         return bool(self._lsns)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CausalToken) and self._lsns == other._lsns
+        return (
+            isinstance(other, CausalToken)
+            and self._lsns == other._lsns
+            and self._origins == other._origins
+        )
 
     def __hash__(self) -> int:
         if self._hash is None:
-            self._hash = hash(frozenset(self._lsns.items()))
+            self._hash = hash((frozenset(self._lsns.items()), frozenset(self._origins.items())))
         return self._hash
 
     def __str__(self) -> str:
-        return "&".join(f"{name}={format_lsn(position)}" for name, position in self.items())
+        return "&".join(f"{name}={self._text(name, position)}" for name, position in self.items())
 
     def __repr__(self) -> str:
         return f"CausalToken({str(self)!r})"
@@ -137,14 +232,17 @@ class CausalToken:
         if not text:
             return cls()
         lsns: dict[str, int] = {}
+        origins: dict[str, str] = {}
         for part in text.split("&"):
-            name, sep, lsn_text = part.partition("=")
+            name, sep, entry = part.partition("=")
             if not sep:
                 raise TokenError(f"malformed token part {part[:40]!r}: expected 'database=X/Y'")
             if name in lsns:
                 raise TokenError(f"database {name!r} appears twice in token")
-            lsns[name] = parse_lsn(lsn_text)
-        return cls(lsns)
+            lsns[name], origin = _parse_entry(name, entry)
+            if origin is not None:
+                origins[name] = origin
+        return cls(lsns, origins)
 
     def sign(self, key: bytes | str, *, issued_at: float | None = None) -> str:
         """``str(token)``, ``.`` and the signing time (Unix seconds), then ``.`` and a

@@ -17,7 +17,7 @@ import logging
 from contextlib import ExitStack
 from typing import Any
 
-from pgreplica.balancer import LSN_SQL
+from pgreplica.balancer import LSN_SQL, primary_token
 from pgreplica.context import record_write
 from pgreplica.contrib.django.state import REQUEST, RequestState, integration, track_queries
 from pgreplica.errors import TokenError
@@ -107,7 +107,7 @@ class PgReplicaMiddleware:
             cursor.execute(LSN_SQL)
             row = cursor.fetchone()
         if row and row[0]:
-            record_write(CausalToken({integ.primary_alias: parse_lsn(row[0])}))
+            record_write(primary_token(integ.route, parse_lsn(row[0])))
 
 
 _stickings: dict[tuple[int, str], Any] = {}

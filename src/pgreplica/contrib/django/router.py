@@ -19,7 +19,7 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from pgreplica.balancer import CHECK_SQL
+from pgreplica.balancer import CHECK_SQL, UNKNOWN_POSITION
 from pgreplica.context import current_state
 from pgreplica.contrib.django.state import REQUEST, configured_aliases, integration
 from pgreplica.lsn import parse_lsn
@@ -78,7 +78,10 @@ def choose_replica(lb: Any) -> str | None:
     """The alias of a replica that has replayed the context's token, or None."""
     router = lb.lb._router
     route = lb.route
-    need = current_state().token.get(lb.primary_alias)
+    state = current_state()
+    need = router.required(route, state.token, state.grown_at)
+    if need == UNKNOWN_POSITION:
+        return None  # no replica can prove it: the primary serves it
     candidates = router.caught_up(route, need, None)
     if candidates:
         host = candidates[router.next_index(len(candidates))]
