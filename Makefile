@@ -27,6 +27,7 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.overhead
 	$(BIN)/python -m bench.failover
+	$(BIN)/python -m bench.token_cost
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.classify
 	$(BIN)/python -m bench.dump

@@ -7,6 +7,7 @@ goes to a replica that lacks the row, so the test fails on code that guesses."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -128,6 +129,20 @@ def test_a_batch_committed_before_an_exception_is_in_the_token(
         conn.commit()  # a batch job committing as it goes
         raise RuntimeError("the second batch failed")
     assert count(lb, value) == 1
+
+
+def test_a_unit_that_committed_itself_reads_its_position_outside_a_transaction(
+    lb: pgreplica.LoadBalancer, paused: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    value = nonce()
+    with caplog.at_level(logging.WARNING, logger="psycopg.pool"), lb.write() as conn:
+        conn.execute("INSERT INTO st_items (v) VALUES (%s)", (value,))
+        conn.commit()  # nothing left open when the unit ends
+    assert "rolling back" not in caplog.text  # no BEGIN for the position read
+    assert count(lb, value) == 1
+    with caplog.at_level(logging.WARNING, logger="psycopg.pool"), lb.write():
+        pass
+    assert "rolling back" not in caplog.text
 
 
 def test_capture_after_reading_the_primary_covers_what_was_read(

@@ -340,6 +340,9 @@ class _AsyncWriteUnit:
                 cur = await conn.execute(COMMIT_SQL)
                 cur.nextset()  # past COMMIT's result to the SELECT's
             else:
+                # Nothing open (nothing ran, or the caller committed): read the position
+                # outside a transaction, so no BEGIN and no rollback at check-in.
+                await conn.set_autocommit(True)
                 cur = await conn.execute(LSN_SQL)
             row = await cur.fetchone()
         except psycopg.Error as exc:

@@ -333,6 +333,9 @@ class _WriteUnit:
                 cur = conn.execute(COMMIT_SQL)
                 cur.nextset()  # past COMMIT's result to the SELECT's
             else:
+                # Nothing open (nothing ran, or the caller committed): read the position
+                # outside a transaction, so no BEGIN and no rollback at check-in.
+                conn.set_autocommit(True)
                 cur = conn.execute(LSN_SQL)
             row = cur.fetchone()
         except psycopg.Error as exc:
