@@ -210,19 +210,41 @@ def test_context_isolation_between_tasks_and_threads(lb: pgreplica.LoadBalancer)
     assert tokens["writer"] and not tokens["reader"]
 
 
-def test_write_through_read_connection_is_a_routing_error(
+def test_a_write_through_a_read_connection_runs_on_the_primary(
     lb: pgreplica.LoadBalancer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="pgreplica"), lb.read() as conn:
+    sql = "UPDATE rw_counters SET v = v + 1 WHERE id = 34 RETURNING v"
+    with caplog.at_level(logging.WARNING, logger="pgreplica"), lb.isolated():
+        with lb.read() as conn:
+            assert conn.on_replica
+            host = conn.host
+            row = conn.execute(sql).fetchone()
+            assert not conn.on_replica and conn.reason == "read_only_retry"
+        token = lb.token()
+        assert token  # it wrote: the context's reads must see it
+        with lb.read() as conn:
+            row2 = conn.execute("SELECT v FROM rw_counters WHERE id = 34").fetchone()
+    assert row is not None and row2 == row
+    assert "standby_refused database=main" in caplog.text and "sqlstate=25006" in caplog.text
+    state = next(s.state for s in lb.status() if s.host == host)
+    assert state == "up"  # never marked down for a statement it refused
+    assert "host_offline" not in caplog.text
+    # learned: the same statement goes to the primary at once, without a refusal
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pgreplica"), lb.isolated(), lb.read() as conn:
+        conn.execute(sql)
+        assert not conn.on_replica and conn.reason == "standby_refused"
+    assert "db_routing_fallback" not in caplog.text
+
+
+def test_a_write_inside_a_read_transaction_is_a_routing_error(lb: pgreplica.LoadBalancer) -> None:
+    with lb.read() as conn:
         assert conn.on_replica
         host = conn.host
-        with pytest.raises(pgreplica.RoutingError) as info:
-            conn.execute("UPDATE rw_counters SET v = 0 WHERE id = 34")
+        with pytest.raises(pgreplica.RoutingError) as info, conn.transaction():
+            conn.execute("UPDATE rw_counters SET v = 0 WHERE id = 36 /* in a transaction */")
     assert info.value.host == host
     assert isinstance(info.value, psycopg.errors.ReadOnlySqlTransaction)
-    state = next(s.state for s in lb.status() if s.host == host)
-    assert state == "up"  # never marked down for the caller's mistake
-    assert "host_offline" not in caplog.text
 
 
 def test_tokens_round_trip_through_a_signed_cookie(lb: pgreplica.LoadBalancer) -> None:

@@ -42,6 +42,7 @@ from pgreplica.balancer import (
     is_connection_error,
     log_fallback,
     query_text,
+    refused_classification,
 )
 from pgreplica.config import Settings
 from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable
@@ -293,6 +294,8 @@ class AsyncLoadBalancer(BalancerBase):
         if cached is not None:
             return cached
         static = classify(text)
+        if route.refused and text in route.refused:
+            return refused_classification(static)
         if not static.functions:
             return static
         settings = self.settings

@@ -34,6 +34,7 @@ from pgreplica.balancer import (
     is_connection_error,
     log_fallback,
     query_text,
+    refused_classification,
 )
 from pgreplica.config import Settings
 from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable
@@ -228,6 +229,8 @@ class LoadBalancer(BalancerBase):
         if cached is not None:
             return cached
         static = classify(text)
+        if route.refused and text in route.refused:
+            return refused_classification(static)
         if not static.functions:
             return static
         settings = self.settings

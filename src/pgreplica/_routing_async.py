@@ -37,7 +37,10 @@ from pgreplica.balancer import (
     is_connection_error,
     log_fallback,
     log_routed,
+    query_text,
     record_commit,
+    refused_classification,
+    standby_refusal,
 )
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable
@@ -310,10 +313,12 @@ class AsyncRoutingConnection:
             await run(conn)
         except psycopg.Error as exc:
             try:
-                host, conn, reason = await self._recover(exc, host, run)
+                host, conn, reason = await self._recover(exc, host, run, query)
             except BaseException:
                 self._pin_if_in_transaction(host)
                 raise
+            if reason == "read_only_retry":
+                c = refused_classification(c)  # it ran on the primary: it may have written
         self.host, self.reason = host.label, reason
         note_read(current_state(), self._route.name, host)
         log_routed(host, reason, self._route.name)
@@ -470,7 +475,9 @@ class AsyncRoutingConnection:
         await self._after_statement(host, conn, c)
         return host, conn
 
-    async def _recover(self, exc: psycopg.Error, host: Host, run: Any) -> tuple[Host, AConn, str]:
+    async def _recover(
+        self, exc: psycopg.Error, host: Host, run: Any, query: Any
+    ) -> tuple[Host, AConn, str]:
         """A statement failed: retry it once on another host when nothing can have
         happened (a replica, outside a transaction), else raise."""
         route = self._route
@@ -482,9 +489,12 @@ class AsyncRoutingConnection:
             raise exc
         if self._pinned is not None:
             raise exc
-        if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
-            # The replica refused a write the classifier could not see (a function
-            # declared STABLE that writes): nothing happened; the primary runs it.
+        if standby_refusal(exc):
+            # The replica refused what only a primary can do and the classifier could
+            # not see (a function declared STABLE that writes, a view that locks, an
+            # unlogged table): nothing happened; the primary runs it, and runs it at
+            # once from now on.
+            route.learn_refusal(query_text(query), exc, host)
             log_fallback(host, exc, "read_only_retry")
             new_host, reason = route.primary, "read_only_retry"
         elif is_connection_error(exc):

@@ -27,7 +27,9 @@ from pgreplica.balancer import (
     is_recovery_conflict,
     log_fallback,
     log_routed,
+    query_text,
     record_commit,
+    standby_refusal,
 )
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
@@ -54,6 +56,7 @@ class _AsyncReadUnit:
         "_need",
         "_route",
         "in_transaction",
+        "moved",
         "reason",
         "retried",
         "served",
@@ -74,6 +77,9 @@ class _AsyncReadUnit:
         self.in_transaction = 0
         self.retried = False
         self.served = False
+        self.moved = False
+        """The unit moved to the primary for a statement a standby refuses: what it
+        runs there may write, so its position is recorded after each statement."""
 
     @property
     def host(self) -> Host:
@@ -115,19 +121,59 @@ class _AsyncReadUnit:
             self._lb._host_failed(host, exc)
         await self._lb._checkin(host, self._conn)
 
-    async def recover(self, exc: psycopg.Error) -> AConn:
+    async def before(self, query: Any) -> AConn:
+        """The connection for ``query``: the primary's at once for a statement a
+        standby of this database has refused before (outside a transaction)."""
+        route = self._route
+        if (
+            route.refused
+            and self._host is not route.primary
+            and not self.in_transaction
+            and query_text(query) in route.refused
+        ):
+            await self._move_to_primary("standby_refused")
+        return self._conn
+
+    async def after(self) -> None:
+        """After a statement succeeded: on the primary a refused statement may have
+        written, so the context's token follows the server (autocommit: it committed)."""
+        self.served = True
+        if self.moved and not self.in_transaction:
+            try:
+                cur = await self._conn.execute(LSN_SQL)
+                row = await cur.fetchone()
+            except psycopg.Error:
+                row = None  # unknown: reads go to the primary until a probe bounds it
+            record_commit(self._route, row)
+
+    async def _move_to_primary(self, reason: str) -> None:
+        lb, route, host = self._lb, self._route, self._host
+        await lb._checkin(host, self._conn)
+        self._conn = await lb._primary_for_read(route, reason)
+        self._host = route.primary
+        self.reason = reason
+        self.moved = True
+        note_read(current_state(), route.name, route.primary)
+        log_routed(route.primary, reason, route.name)
+
+    async def recover(self, exc: psycopg.Error, query: Any) -> AConn:
         """A statement failed: raise, or move the unit to another host and return its
         connection for one retry."""
         host = self._host
         lb = self._lb
-        if (
-            isinstance(exc, psycopg.errors.ReadOnlySqlTransaction)
-            and host is not self._route.primary
-        ):
-            raise RoutingError(
-                f"a statement that writes was sent to replica {host.label}: use lb.write()",
-                host=host.label,
-            ) from exc
+        if standby_refusal(exc) and host is not self._route.primary:
+            self._route.learn_refusal(query_text(query), exc, host)
+            if self.retried or self.in_transaction:
+                raise RoutingError(
+                    f"replica {host.label} refused a statement only the primary can run"
+                    f" ({exc.sqlstate}), inside a transaction of a read unit, which cannot"
+                    " move: use lb.write() or lb.primary()",
+                    host=host.label,
+                ) from exc
+            self.retried = True
+            log_fallback(host, exc, "read_only_retry")
+            await self._move_to_primary("read_only_retry")
+            return self._conn
         connection_error = is_connection_error(exc)
         if not connection_error and not is_recovery_conflict(exc):
             raise exc
@@ -195,12 +241,13 @@ class AsyncReadConnection:
         binary: bool = False,
     ) -> AsyncCursor[Any]:
         unit = self._unit
+        conn = await unit.before(query)
         try:
-            cur = await unit._conn.execute(query, params, prepare=prepare, binary=binary)
-        except psycopg.Error as exc:
-            conn = await unit.recover(exc)
             cur = await conn.execute(query, params, prepare=prepare, binary=binary)
-        unit.served = True
+        except psycopg.Error as exc:
+            conn = await unit.recover(exc, query)
+            cur = await conn.execute(query, params, prepare=prepare, binary=binary)
+        await unit.after()
         return cur
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -246,27 +293,31 @@ class AsyncReadCursor(AsyncCursorProxy):
         binary: bool | None = None,
     ) -> AsyncReadCursor:
         unit = self._unit
+        await self._follow(await unit.before(query))
         try:
             await self._cursor.execute(query, params, prepare=prepare, binary=binary)
         except psycopg.Error as exc:
-            conn = await unit.recover(exc)
+            await self._follow(await unit.recover(exc, query))
+            await self._cursor.execute(query, params, prepare=prepare, binary=binary)
+        await unit.after()
+        return self
+
+    async def _follow(self, conn: AConn) -> None:
+        """A cursor of ``conn``, the connection now serving the unit."""
+        if self._cursor.connection is not conn:
             await self._cursor.close()
             self._cursor = conn.cursor(**self._kwargs)
-            await self._cursor.execute(query, params, prepare=prepare, binary=binary)
-        unit.served = True
-        return self
 
     async def executemany(self, query: Any, params_seq: Iterable[Any], **kwargs: Any) -> None:
         unit = self._unit
         params_list = list(params_seq)
+        await self._follow(await unit.before(query))
         try:
             await self._cursor.executemany(query, params_list, **kwargs)
         except psycopg.Error as exc:
-            conn = await unit.recover(exc)
-            await self._cursor.close()
-            self._cursor = conn.cursor(**self._kwargs)
+            await self._follow(await unit.recover(exc, query))
             await self._cursor.executemany(query, params_list, **kwargs)
-        unit.served = True
+        await unit.after()
 
 
 class _AsyncWriteUnit:

@@ -20,7 +20,9 @@ from pgreplica.balancer import (
     is_recovery_conflict,
     log_fallback,
     log_routed,
+    query_text,
     record_commit,
+    standby_refusal,
 )
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
@@ -47,6 +49,7 @@ class _ReadUnit:
         "_need",
         "_route",
         "in_transaction",
+        "moved",
         "reason",
         "retried",
         "served",
@@ -67,6 +70,9 @@ class _ReadUnit:
         self.in_transaction = 0
         self.retried = False
         self.served = False
+        self.moved = False
+        """The unit moved to the primary for a statement a standby refuses: what it
+        runs there may write, so its position is recorded after each statement."""
 
     @property
     def host(self) -> Host:
@@ -108,19 +114,59 @@ class _ReadUnit:
             self._lb._host_failed(host, exc)
         self._lb._checkin(host, self._conn)
 
-    def recover(self, exc: psycopg.Error) -> AConn:
+    def before(self, query: Any) -> AConn:
+        """The connection for ``query``: the primary's at once for a statement a
+        standby of this database has refused before (outside a transaction)."""
+        route = self._route
+        if (
+            route.refused
+            and self._host is not route.primary
+            and not self.in_transaction
+            and query_text(query) in route.refused
+        ):
+            self._move_to_primary("standby_refused")
+        return self._conn
+
+    def after(self) -> None:
+        """After a statement succeeded: on the primary a refused statement may have
+        written, so the context's token follows the server (autocommit: it committed)."""
+        self.served = True
+        if self.moved and not self.in_transaction:
+            try:
+                cur = self._conn.execute(LSN_SQL)
+                row = cur.fetchone()
+            except psycopg.Error:
+                row = None  # unknown: reads go to the primary until a probe bounds it
+            record_commit(self._route, row)
+
+    def _move_to_primary(self, reason: str) -> None:
+        lb, route, host = self._lb, self._route, self._host
+        lb._checkin(host, self._conn)
+        self._conn = lb._primary_for_read(route, reason)
+        self._host = route.primary
+        self.reason = reason
+        self.moved = True
+        note_read(current_state(), route.name, route.primary)
+        log_routed(route.primary, reason, route.name)
+
+    def recover(self, exc: psycopg.Error, query: Any) -> AConn:
         """A statement failed: raise, or move the unit to another host and return its
         connection for one retry."""
         host = self._host
         lb = self._lb
-        if (
-            isinstance(exc, psycopg.errors.ReadOnlySqlTransaction)
-            and host is not self._route.primary
-        ):
-            raise RoutingError(
-                f"a statement that writes was sent to replica {host.label}: use lb.write()",
-                host=host.label,
-            ) from exc
+        if standby_refusal(exc) and host is not self._route.primary:
+            self._route.learn_refusal(query_text(query), exc, host)
+            if self.retried or self.in_transaction:
+                raise RoutingError(
+                    f"replica {host.label} refused a statement only the primary can run"
+                    f" ({exc.sqlstate}), inside a transaction of a read unit, which cannot"
+                    " move: use lb.write() or lb.primary()",
+                    host=host.label,
+                ) from exc
+            self.retried = True
+            log_fallback(host, exc, "read_only_retry")
+            self._move_to_primary("read_only_retry")
+            return self._conn
         connection_error = is_connection_error(exc)
         if not connection_error and not is_recovery_conflict(exc):
             raise exc
@@ -188,12 +234,13 @@ class ReadConnection:
         binary: bool = False,
     ) -> Cursor[Any]:
         unit = self._unit
+        conn = unit.before(query)
         try:
-            cur = unit._conn.execute(query, params, prepare=prepare, binary=binary)
-        except psycopg.Error as exc:
-            conn = unit.recover(exc)
             cur = conn.execute(query, params, prepare=prepare, binary=binary)
-        unit.served = True
+        except psycopg.Error as exc:
+            conn = unit.recover(exc, query)
+            cur = conn.execute(query, params, prepare=prepare, binary=binary)
+        unit.after()
         return cur
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -239,27 +286,31 @@ class ReadCursor(CursorProxy):
         binary: bool | None = None,
     ) -> ReadCursor:
         unit = self._unit
+        self._follow(unit.before(query))
         try:
             self._cursor.execute(query, params, prepare=prepare, binary=binary)
         except psycopg.Error as exc:
-            conn = unit.recover(exc)
+            self._follow(unit.recover(exc, query))
+            self._cursor.execute(query, params, prepare=prepare, binary=binary)
+        unit.after()
+        return self
+
+    def _follow(self, conn: AConn) -> None:
+        """A cursor of ``conn``, the connection now serving the unit."""
+        if self._cursor.connection is not conn:
             self._cursor.close()
             self._cursor = conn.cursor(**self._kwargs)
-            self._cursor.execute(query, params, prepare=prepare, binary=binary)
-        unit.served = True
-        return self
 
     def executemany(self, query: Any, params_seq: Iterable[Any], **kwargs: Any) -> None:
         unit = self._unit
         params_list = list(params_seq)
+        self._follow(unit.before(query))
         try:
             self._cursor.executemany(query, params_list, **kwargs)
         except psycopg.Error as exc:
-            conn = unit.recover(exc)
-            self._cursor.close()
-            self._cursor = conn.cursor(**self._kwargs)
+            self._follow(unit.recover(exc, query))
             self._cursor.executemany(query, params_list, **kwargs)
-        unit.served = True
+        unit.after()
 
 
 class _WriteUnit:

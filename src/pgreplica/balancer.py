@@ -28,7 +28,7 @@ from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
 from pgreplica.lsn import CausalToken, parse_lsn, split_origin
-from pgreplica.sql import Classification
+from pgreplica.sql import PRIMARY, Classification
 
 __all__ = ["BalancerBase", "Router"]
 
@@ -82,6 +82,36 @@ def is_recovery_conflict(exc: BaseException) -> bool:
     return exc.sqlstate == "40001" and "conflict with recovery" in str(exc)
 
 
+#: SQLSTATEs a standby uses to refuse what only a primary can do, when the message says
+#: why (recovery, hot standby): 0A000 for unlogged or temporary relations and
+#: serializable mode, 55000 for WAL control functions.
+_REFUSAL_SQLSTATES = frozenset({"0A000", "55000"})
+_REFUSAL_WORDS = ("during recovery", "hot standby", "recovery is in progress")
+#: How many refused statements a database remembers.
+REFUSED_MAX = 4096
+
+
+def standby_refusal(exc: BaseException) -> bool:
+    """The server refused the statement because it is a standby: it cannot have done
+    anything, and the primary can run it (25006 read-only transaction, or 0A000/55000
+    naming recovery or hot standby; the message check needs English server messages,
+    ``lc_messages`` C or en)."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    sqlstate = exc.sqlstate
+    if sqlstate == "25006":
+        return True
+    if sqlstate not in _REFUSAL_SQLSTATES:
+        return False
+    text = str(exc)
+    return any(word in text for word in _REFUSAL_WORDS)
+
+
+def refused_classification(static: Classification) -> Classification:
+    """What a statement a standby refused is from now on: primary work that may write."""
+    return Classification(PRIMARY, "standby_refused", static.kind, static.functions)
+
+
 class DatabaseRoute:
     """Routing data of one logical database."""
 
@@ -92,6 +122,7 @@ class DatabaseRoute:
         "name",
         "primary",
         "read_set",
+        "refused",
         "replicas",
         "shares_primary_with",
     )
@@ -106,7 +137,28 @@ class DatabaseRoute:
         """Catalog volatility of the non-built-in functions seen so far."""
         self.classified: dict[str, Classification] = {}
         """Catalog-aware classifications by statement text (bounded)."""
+        self.refused: dict[str, str] = {}
+        """Statement texts a standby refused (the server's truth), with the SQLSTATE:
+        they go to the primary at once from then on (:meth:`learn_refusal`)."""
         self.clamp_warned_at = -1e9
+
+    def learn_refusal(self, text: str, exc: BaseException, host: Host) -> None:
+        """A standby refused ``text``: remember it, so that it goes to the primary."""
+        if text in self.refused:
+            return
+        if len(self.refused) >= REFUSED_MAX:
+            self.refused.clear()
+        sqlstate = getattr(exc, "sqlstate", None) or "?"
+        self.refused[text] = sqlstate
+        self.classified.pop(text, None)
+        logger.warning(
+            "standby_refused database=%s host=%s sqlstate=%s: the statement goes to the"
+            " primary from now on (%s)",
+            self.name,
+            host.label,
+            sqlstate,
+            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+        )
 
 
 class Router:

@@ -62,10 +62,12 @@ class PrimaryUnavailable(HostUnavailable):
 
 
 class RoutingError(PgReplicaError, psycopg.errors.ReadOnlySqlTransaction):
-    """A statement that writes reached a replica.
+    """A statement only a primary can run reached a replica where it cannot move.
 
-    This is a bug in the caller's routing (a write inside ``lb.read()``), not a sick
-    replica: the replica is not marked down.
+    Outside a transaction a read unit moves such a statement to the primary; inside
+    ``conn.transaction()`` of ``lb.read()`` it cannot (the snapshot would change), and
+    this is raised. A bug in the caller's routing, not a sick replica: the replica is
+    not marked down.
     """
 
     __module__ = "pgreplica"
