@@ -92,6 +92,8 @@ def test_every_statement_class_succeeds_where_it_lands(
         ("UPDATE rc_items SET n = n + 1 WHERE v = 'a'", "primary"),
         ("DELETE FROM rc_items WHERE v = 'never'", "primary"),
         ("CREATE TEMP TABLE rc_tmp (x int)", "primary"),
+        ("SELECT * FROM rc_tmp", "primary"),  # where the temporary table lives
+        ("DROP TABLE rc_tmp", "primary"),  # and then the connection is free again
         ("NOTIFY rc_channel", "primary"),
         ("VACUUM rc_items", "primary"),
         ("ANALYZE rc_items", "primary"),

@@ -59,6 +59,7 @@ class RoutingConnection:
         self._pin_depth = 0  # open transaction() / pipeline() blocks
         self._wrote = False  # the pinned transaction may have written on the primary
         self._primary_only = False  # session state that lives on the primary connection
+        self._pins: set[str] = set()  # session state a standby cannot hold (Classification.effects)
         self._session: list[tuple[Any, Any]] = []  # (query, params) to replay
         self._autocommit = False
         self._read_only: bool | None = None
@@ -275,7 +276,9 @@ class RoutingConnection:
         host, reason = self._choose(c, server_cursor)
         host, conn, reason = self._connect(host, reason)
         if (c.kind in _SESSION_KINDS or c.reason == "set_config") and self._pinned is None:
-            return self._run_session((query, params), c, host, conn, run)
+            host, conn = self._run_session((query, params), c, host, conn, run)
+            self._apply_effects(c, host)
+            return host, conn
         if c.reason == "set_config_mixed":
             # Session state set by a statement that also does something else: it is
             # not replayed elsewhere, so everything after it stays on this connection.
@@ -294,8 +297,27 @@ class RoutingConnection:
         self.host, self.reason = host.label, reason
         note_read(current_state(), self._route.name, host)
         log_routed(host, reason, self._route.name)
+        if c.effects:
+            self._apply_effects(c, host)
         self._after_statement(host, conn, c)
         return host, conn
+
+    def _apply_effects(self, c: Classification, host: Host) -> None:
+        """Track session state a standby cannot hold (a serializable or read-write
+        default, a temporary object, a LISTEN): while any is in force, every statement
+        goes to the primary connection that holds it."""
+        pins = self._pins
+        for op, key in c.effects:
+            if op == "+":
+                pins.add(key)
+                self._dirty.add(host)  # DISCARD ALL before the pool gets it back
+            elif key == "*":
+                pins.clear()
+            elif key.endswith(":*"):
+                prefix = key[:-1]
+                pins.difference_update([p for p in pins if p.startswith(prefix)])
+            else:
+                pins.discard(key)
 
     def _pin_if_in_transaction(self, host: Host) -> None:
         """A failed statement may leave its connection in a (failed) transaction: keep
@@ -309,7 +331,7 @@ class RoutingConnection:
             return self._pinned, "pinned"
         route = self._route
         state = current_state()
-        if self._primary_only:
+        if self._primary_only or self._pins:
             return route.primary, "session_primary"
         starts_transaction = c.kind == "begin" or not self._autocommit or server_cursor
         if starts_transaction:
@@ -439,7 +461,13 @@ class RoutingConnection:
             if other is not host:
                 _replay(other_conn, [statement])
                 self._dirty.add(other)
-        self._session.append(statement)
+        if ("-", "*") in c.effects or ("-", "settings") in c.effects:
+            # DISCARD ALL / RESET ALL: a connection taken later starts that way anyway;
+            # nothing before it is replayed, nor it (DISCARD ALL cannot run in a
+            # transaction block, which a later connection may be in).
+            self._session.clear()
+        else:
+            self._session.append(statement)
         self.host, self.reason = host.label, "session_set"
         log_routed(host, "session_set", self._route.name)
         self._after_statement(host, conn, c)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -145,6 +145,11 @@ class Classification:
     """For ``begin``: the transaction was declared READ ONLY."""
     base_reason: str = ""
     """The reason the statement would have if its unresolved functions are read-only."""
+    effects: tuple[tuple[str, str], ...] = ()
+    """Session state a standby cannot hold that the statement starts (``("+", key)``)
+    or ends (``("-", key)``): ``isolation`` (serializable by default), ``read_write``
+    (read-write by default), ``temp:<name>`` (a temporary object), ``listen:<channel>``.
+    A key ``temp:*``, ``listen:*`` or ``*`` ends every key of its kind, or all."""
 
     @property
     def replica(self) -> bool:
@@ -243,6 +248,98 @@ def to_numbered_placeholders(sql: str) -> str:
 
 def _statement(stmt: dict[str, Any]) -> Classification:
     ((node_type, node),) = stmt.items()
+    effects = _session_effects(node_type, node)
+    if effects:
+        result = _statement_of(node_type, node)
+        if any(op == "+" for op, _ in effects):
+            # Session state a standby refuses or cannot hold: it runs on the primary
+            # only (never replayed on replicas), and the connection stays there.
+            if node_type == "VariableSetStmt":
+                return Classification(PRIMARY, "session_primary", "set_primary", effects=effects)
+            return replace(result, target=PRIMARY, effects=effects)
+        return replace(result, effects=effects)
+    return _statement_of(node_type, node)
+
+
+def _persistence_of(node: dict[str, Any], *path: str) -> tuple[str, str]:
+    for key in path:
+        node = node.get(key) or {}
+    return str(node.get("relpersistence", "")), str(node.get("relname", ""))
+
+
+def _session_effects(node_type: str, node: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """What the statement does to session state a standby cannot hold."""
+    if node_type == "VariableSetStmt":
+        return _setting_effects(node)
+    if node_type == "DiscardStmt":
+        target = node.get("target")
+        if target == "DISCARD_ALL":
+            return (("-", "*"),)
+        return (("-", "temp:*"),) if target == "DISCARD_TEMP" else ()
+    if node_type == "ListenStmt":
+        return (("+", f"listen:{node.get('conditionname', '')}"),)
+    if node_type == "UnlistenStmt":
+        return (("-", f"listen:{node.get('conditionname') or '*'}"),)
+    if node_type == "DropStmt" and node.get("removeType") in _DROPPED_TEMP_KINDS:
+        names = []
+        for obj in node.get("objects") or ():
+            parts = [
+                (i.get("String") or {}).get("sval", "")
+                for i in (obj.get("List") or {}).get("items") or ()
+            ]
+            if parts and (len(parts) == 1 or parts[-2].startswith("pg_temp")):
+                names.append(("-", f"temp:{parts[-1]}"))
+        return tuple(names)
+    path = _TEMP_RELATION_PATHS.get(node_type)
+    if path is None:
+        return ()
+    persistence, name = _persistence_of(node, *path)
+    return (("+", f"temp:{name}"),) if persistence == "t" else ()
+
+
+_DROPPED_TEMP_KINDS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_SEQUENCE"})
+_TEMP_RELATION_PATHS: dict[str, tuple[str, ...]] = {
+    "CreateStmt": ("relation",),
+    "CreateTableAsStmt": ("into", "rel"),
+    "SelectStmt": ("intoClause", "rel"),
+    "ViewStmt": ("view",),
+    "CreateSeqStmt": ("sequence",),
+}
+#: Session defaults a standby cannot honour, and the transaction setting each one sets.
+_DEFAULT_MODES = {
+    "default_transaction_isolation": "isolation",
+    "default_transaction_read_only": "read_write",
+}
+_MODE_SETTING = {"isolation": "transaction_isolation", "read_write": "transaction_read_only"}
+_MODE_OF_OPTION = {"transaction_isolation": "isolation", "transaction_read_only": "read_write"}
+
+
+def _setting_effects(node: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    if node.get("is_local"):
+        return ()
+    kind = node.get("kind")
+    name = str(node.get("name", "")).lower()
+    if kind == "VAR_RESET_ALL":
+        return (("-", "isolation"), ("-", "read_write"), ("-", "settings"))
+    if kind == "VAR_SET_MULTI" and name == "session characteristics":
+        effects = []
+        for option in node.get("args") or ():
+            elem = option.get("DefElem") or {}
+            mode = _MODE_OF_OPTION.get(str(elem.get("defname")))
+            if mode is not None:
+                refused = not _standby_accepts(_MODE_SETTING[mode], [elem.get("arg") or {}])
+                effects.append(("+" if refused else "-", mode))
+        return tuple(effects)
+    mode = _DEFAULT_MODES.get(name)
+    if mode is None:
+        return ()
+    if kind in ("VAR_RESET", "VAR_SET_DEFAULT"):
+        return (("-", mode),)
+    refused = not _standby_accepts(_MODE_SETTING[mode], node.get("args") or [])
+    return (("+" if refused else "-", mode),)
+
+
+def _statement_of(node_type: str, node: dict[str, Any]) -> Classification:
     if node_type == "SelectStmt":
         return _query(node_type, node, "select")
     if node_type in _WRITE_NODES:
@@ -551,6 +648,7 @@ _NO_WRITE_REASONS = frozenset(
         "select",
         "copy_to",
         "set_config",
+        "session_primary",
     }
 )
 
