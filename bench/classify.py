@@ -126,12 +126,33 @@ def cold_us(sql: str, repeat: int) -> float:
     return statistics.median(samples) / 1000
 
 
-def round_trip_us(repeat: int) -> tuple[float, str]:
-    """Median of a loopback ``SELECT 1`` through psycopg, in us, and the server version."""
+#: Tables the statements name, so that the catalog-aware classifier finds them.
+SHOP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shop_author (id bigint PRIMARY KEY, name text);
+CREATE TABLE IF NOT EXISTS shop_book (id bigint PRIMARY KEY, title text, author_id bigint,
+    price numeric, stock int, published date, is_active boolean);
+"""
+
+
+@dataclass
+class CatalogRow:
+    label: str
+    reason: str
+    warm_ns: float
+    resolve_us: float
+    lookup_us: float
+
+
+def round_trip_us(repeat: int, args: argparse.Namespace) -> tuple[float, str, list[CatalogRow]]:
+    """Median of a loopback ``SELECT 1`` through psycopg, in us, the server version,
+    and ``lb.classify()`` (the catalog-aware classifier) on the same server: warm (the
+    database's cache of classifications), resolved again from cached catalog facts, and
+    with the catalog asked (one round trip per kind of name)."""
     cluster = LocalCluster(make_cluster_directory("pgreplica-classify-"), replicas=0, keep=False)
     try:
         print("starting a local server ...", file=sys.stderr, flush=True)
         cluster.up()
+        cluster.execute(0, SHOP_SCHEMA)
         with psycopg.connect(cluster.dsn(0), autocommit=True) as conn:
             row = conn.execute("SHOW server_version").fetchone()
             version = str(row[0]) if row else "?"
@@ -142,9 +163,42 @@ def round_trip_us(repeat: int) -> tuple[float, str]:
                 start = time.perf_counter_ns()
                 conn.execute("SELECT 1").fetchone()
                 samples.append(time.perf_counter_ns() - start)
-        return statistics.median(samples) / 1000, version
+        with pgreplica.LoadBalancer(cluster.dsn(0)) as lb:
+            catalog = [catalog_row(lb, label, sql, args) for label, sql in STATEMENTS]
+        return statistics.median(samples) / 1000, version, catalog
     finally:
         cluster.destroy()
+
+
+def catalog_row(
+    lb: pgreplica.LoadBalancer, label: str, sql: str, args: argparse.Namespace
+) -> CatalogRow:
+    route = lb._router.route(None)
+    result = lb.classify(sql)
+    call = lb.classify
+    means: list[float] = []
+    for _ in range(args.batches // 4):
+        start = time.perf_counter_ns()
+        for _ in range(args.batch):
+            call(sql)
+        means.append((time.perf_counter_ns() - start) / args.batch)
+
+    def timed(prepare: Callable[[], None]) -> float:
+        samples = []
+        for _ in range(args.repeat):
+            prepare()
+            start = time.perf_counter_ns()
+            call(sql)
+            samples.append(time.perf_counter_ns() - start)
+        return statistics.median(samples) / 1000
+
+    return CatalogRow(
+        label,
+        result.reason,
+        statistics.median(means),
+        timed(route.classified.clear),
+        timed(lb.refresh_functions),
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -181,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         gc.enable()
     round_trip: float | None = None
     server_version = None
+    catalog: list[CatalogRow] = []
     if not args.no_server:
-        round_trip, server_version = round_trip_us(args.round_trips)
+        round_trip, server_version, catalog = round_trip_us(args.round_trips, args)
 
     print()
     print("pgreplica.sql.classify() cost")
@@ -221,6 +276,24 @@ def main(argv: list[str] | None = None) -> int:
             f" cold {100 * cold / round_trip:.0f}%"
         )
     print(summary)
+    if catalog:
+        print()
+        print("lb.classify(): the catalog-aware classifier on the same server")
+        print("  warm: cached per database; resolve: again from cached catalog facts;")
+        print("  lookup: after refresh_functions(), asking the catalog")
+        header = f"{'statement':28}{'reason':21}{'warm ns':>10}{'resolve us':>12}{'lookup us':>11}"
+        print(header)
+        print("-" * len(header))
+        for c in catalog:
+            print(
+                f"{c.label:28}{c.reason:21}{c.warm_ns:10.0f}{c.resolve_us:12.1f}{c.lookup_us:11.1f}"
+            )
+        print("-" * len(header))
+        print(
+            f"{'median':49}{statistics.median(c.warm_ns for c in catalog):10.0f}"
+            f"{statistics.median(c.resolve_us for c in catalog):12.1f}"
+            f"{statistics.median(c.lookup_us for c in catalog):11.1f}"
+        )
 
     if args.json:
         payload = {
@@ -239,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "median_warm_ns": warm,
             "median_cold_us": cold,
             "round_trip_us": round_trip,
+            "lb_classify": [asdict(c) for c in catalog],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"figures written to {args.json}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from pgreplica.context import isolated
@@ -67,3 +68,35 @@ def _isolated_routing_state() -> Iterator[None]:
     earlier test wrote outside lb.isolated()."""
     with isolated():
         yield
+
+
+class Database:
+    """A database of its own on the session cluster, for objects that must not meet
+    other tests (views that call nextval, unlogged tables: a test that reads every
+    relation, such as database_to_xml(), would trip over them)."""
+
+    def __init__(self, cluster: LocalCluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+
+    def dsn(self, index: int) -> str:
+        base = self.cluster.dsn(index)
+        assert base.endswith("/postgres")
+        return f"{base[: -len('postgres')]}{self.name}"
+
+    def config(self) -> dict[str, object]:
+        replicas = [self.dsn(i) for i in range(1, self.cluster.replicas + 1)]
+        return {"databases": {"main": {"primary": self.dsn(0), "replicas": replicas}}}
+
+    def execute(self, index: int, sql: str) -> None:
+        with psycopg.connect(self.dsn(index), autocommit=True) as conn:
+            conn.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def routing_database(cluster: LocalCluster) -> Database:
+    """The database ``routing_catalog`` on the session cluster (created once)."""
+    if not cluster.execute(0, "SELECT 1 FROM pg_database WHERE datname = 'routing_catalog'"):
+        cluster.execute(0, "CREATE DATABASE routing_catalog")
+    cluster.wait_replayed()
+    return Database(cluster, "routing_catalog")

@@ -33,16 +33,23 @@ from pgreplica.balancer import (
     CHECK_SQL,
     CHECKOUT_ERRORS,
     FUNCTIONS_SQL,
+    OPERATORS_SQL,
     POOL_ERRORS,
+    RELATIONS_SQL,
     UNKNOWN_POSITION,
     BalancerBase,
     DatabaseRoute,
+    bare,
     build_settings,
+    catalog_of,
     function_volatility,
     is_connection_error,
     log_fallback,
     query_text,
     refused_classification,
+    store_operators,
+    store_relations,
+    warn_suspects,
 )
 from pgreplica.config import Settings
 from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable
@@ -50,7 +57,14 @@ from pgreplica.health import Host, error_reason
 
 # sync-only: from pgreplica.health import ProberThread
 from pgreplica.lsn import parse_lsn
-from pgreplica.sql import Classification, classify, resolve_functions
+from pgreplica.sql import (
+    MAX_VIEW_DEPTH,
+    PRIMARY,
+    Classification,
+    Missing,
+    classify,
+    resolve_catalog,
+)
 
 __all__ = ["AsyncLoadBalancer", "AsyncReadConnection", "AsyncReadCursor"]  # re-exported
 
@@ -286,8 +300,10 @@ class AsyncLoadBalancer(BalancerBase):
 
     async def classify(self, sql: Any, database: str | None = None) -> Classification:
         """Like :func:`pgreplica.sql.classify`, refined with this database's catalog
-        (``pg_proc.provolatile`` of the user functions a statement calls, looked up once
-        and cached) and the ``read_only_functions`` / ``write_functions`` settings."""
+        (looked up once per name and cached): the volatility of the user functions a
+        statement calls, the functions behind user-defined operators, unlogged tables,
+        and what a view's definition does; then the ``read_only_functions`` /
+        ``write_functions`` settings, and the statements a standby refused before."""
         route = self._router.route(database)
         text = query_text(sql)
         cached = route.classified.get(text)
@@ -295,29 +311,38 @@ class AsyncLoadBalancer(BalancerBase):
             return cached
         static = classify(text)
         if route.refused and text in route.refused:
-            return refused_classification(static)
-        if not static.functions:
-            return static
-        settings = self.settings
-        read_only = frozenset(settings.read_only_functions)
-        write = frozenset(settings.write_functions)
-        result = resolve_functions(static, route.functions, read_only, write)
-        if isinstance(result, list):
-            await self._load_functions(route, result)
-            result = resolve_functions(static, route.functions, read_only, write)
-            assert isinstance(result, Classification)
+            result = refused_classification(static)
+        elif not (static.functions or static.relations or static.operators):
+            result = static
+        else:
+            settings = self.settings
+            read_only = frozenset(settings.read_only_functions)
+            write = frozenset(settings.write_functions)
+            resolved = resolve_catalog(static, catalog_of(route), read_only, write)
+            for _ in range(MAX_VIEW_DEPTH + 2):  # each view level may name new objects
+                if isinstance(resolved, Classification):
+                    break
+                await self._load_catalog(route, resolved)
+                resolved = resolve_catalog(static, catalog_of(route), read_only, write)
+            if not isinstance(resolved, Classification):
+                resolved = Classification(PRIMARY, "catalog_unresolved", static.kind)
+            result = resolved
         if len(route.classified) >= _CLASSIFIED_MAX:
             route.classified.clear()
         route.classified[text] = result
         return result
 
     def refresh_functions(self, database: str | None = None) -> None:
-        """Forget cached function volatility (after ``CREATE OR REPLACE FUNCTION``)."""
+        """Forget what the catalog said (function volatility, operators, relations and
+        view definitions), after ``CREATE OR REPLACE FUNCTION``, ``CREATE VIEW`` and the
+        like."""
         route = self._router.route(database)
         route.functions.clear()
+        route.relations.clear()
+        route.operators.clear()
         route.classified.clear()
 
-    async def _load_functions(self, route: DatabaseRoute, names: list[str]) -> None:
+    async def _load_catalog(self, route: DatabaseRoute, missing: Missing) -> None:
         hosts = [route.primary, *route.read_set]
         last_error: BaseException | None = None
         for host in hosts:
@@ -327,14 +352,25 @@ class AsyncLoadBalancer(BalancerBase):
                 last_error = exc
                 continue
             try:
-                cur = await conn.execute(FUNCTIONS_SQL, ([n.rpartition(".")[2] for n in names],))
-                rows = await cur.fetchall()
+                if missing.functions:
+                    names = missing.functions
+                    cur = await conn.execute(FUNCTIONS_SQL, ([bare(n) for n in names],))
+                    rows = await cur.fetchall()
+                    route.functions.update(function_volatility(names, rows))
+                    warn_suspects(route, [(f"{r[1]}.{r[0]}", r[3]) for r in rows])
+                if missing.relations:
+                    names = missing.relations
+                    cur = await conn.execute(RELATIONS_SQL, ([bare(n) for n in names],))
+                    store_relations(route, names, await cur.fetchall())
+                if missing.operators:
+                    names = missing.operators
+                    cur = await conn.execute(OPERATORS_SQL, ([bare(n) for n in names],))
+                    store_operators(route, names, await cur.fetchall())
             except psycopg.Error as exc:
                 last_error = exc
                 continue
             finally:
                 await self._checkin(host, conn)
-            route.functions.update(function_volatility(names, rows))
             return
         raise HostUnavailable(
             f"cannot read the catalog of {route.name!r} to classify a statement"

@@ -28,7 +28,7 @@ from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
 from pgreplica.lsn import CausalToken, parse_lsn, split_origin
-from pgreplica.sql import PRIMARY, Classification
+from pgreplica.sql import PRIMARY, Catalog, Classification, OperatorRow, RelationRow
 
 __all__ = ["BalancerBase", "Router"]
 
@@ -51,10 +51,31 @@ LSN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 #: (:meth:`Router.required`).
 UNKNOWN_POSITION = (1 << 64) - 1
 
-FUNCTIONS_SQL = """\
-SELECT p.proname, n.nspname, p.provolatile::text
+#: The fourth column flags a function declared STABLE or IMMUTABLE whose body calls a
+#: lock or sequence function: its declaration is probably wrong (logged, see
+#: ``write_functions``).
+_SUSPECT = (
+    "(p.provolatile <> 'v' AND p.prosrc ~* '(pg_(try_)?advisory_(xact_)?lock|nextval|setval)')"
+)
+FUNCTIONS_SQL = f"""\
+SELECT p.proname, n.nspname, p.provolatile::text, {_SUSPECT}
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE p.proname = ANY(%s)"""
+#: Relations by name (temporary ones belong to one session: a routing connection that
+#: made one stays on the primary anyway), with a view's definition.
+RELATIONS_SQL = """\
+SELECT c.relname, n.nspname, c.relkind::text, c.relpersistence::text,
+       CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = ANY(%s) AND c.relpersistence <> 't'"""
+#: User-defined operators by name, with the function each one runs.
+OPERATORS_SQL = f"""\
+SELECT o.oprname, ons.nspname, pns.nspname || '.' || p.proname, p.provolatile::text, {_SUSPECT}
+FROM pg_operator o
+JOIN pg_namespace ons ON ons.oid = o.oprnamespace
+JOIN pg_proc p ON p.oid = o.oprcode
+JOIN pg_namespace pns ON pns.oid = p.pronamespace
+WHERE o.oprname = ANY(%s) AND o.oid >= 16384"""
 _VOLATILITY_ORDER = {"i": 0, "s": 1, "v": 2}
 
 POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
@@ -120,9 +141,11 @@ class DatabaseRoute:
         "classified",
         "functions",
         "name",
+        "operators",
         "primary",
         "read_set",
         "refused",
+        "relations",
         "replicas",
         "shares_primary_with",
     )
@@ -135,6 +158,10 @@ class DatabaseRoute:
         self.shares_primary_with: tuple[str, ...] = (name,)
         self.functions: dict[str, str] = {}
         """Catalog volatility of the non-built-in functions seen so far."""
+        self.relations: dict[str, tuple[RelationRow, ...]] = {}
+        """Catalog rows of the relations seen so far (persistence, view definitions)."""
+        self.operators: dict[str, tuple[OperatorRow, ...]] = {}
+        """Catalog rows of the user-defined operators seen so far."""
         self.classified: dict[str, Classification] = {}
         """Catalog-aware classifications by statement text (bounded)."""
         self.refused: dict[str, str] = {}
@@ -632,6 +659,53 @@ def log_routed(host: Host, reason: str, database: str) -> None:
 CHECKOUT_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, psycopg.OperationalError)
 
 
+def bare(name: str) -> str:
+    """``schema.name`` -> ``name``: what the catalog queries match."""
+    return name.rpartition(".")[2]
+
+
+def catalog_of(route: DatabaseRoute) -> Catalog:
+    return Catalog(route.functions, route.relations, route.operators)
+
+
+def store_relations(route: DatabaseRoute, names: Sequence[str], rows: Sequence[Any]) -> None:
+    """Cache RELATIONS_SQL rows under each name as written (none found: empty)."""
+    for name in names:
+        bare = name.rpartition(".")[2]
+        route.relations[name] = tuple(
+            (str(nsp), str(kind), str(persistence), None if view is None else str(view))
+            for relname, nsp, kind, persistence, view in rows
+            if relname == bare
+        )
+
+
+def store_operators(route: DatabaseRoute, names: Sequence[str], rows: Sequence[Any]) -> None:
+    """Cache OPERATORS_SQL rows under each name as written (none found: empty)."""
+    for name in names:
+        bare = name.rpartition(".")[2]
+        route.operators[name] = tuple(
+            (str(nsp), str(function), str(volatility))
+            for oprname, nsp, function, volatility, _ in rows
+            if oprname == bare
+        )
+    warn_suspects(route, [(str(r[2]), r[4]) for r in rows])
+
+
+def warn_suspects(route: DatabaseRoute, functions: Sequence[tuple[str, Any]]) -> None:
+    """Warn about functions declared STABLE or IMMUTABLE whose body calls a lock or
+    sequence function (they route to replicas as declared: the user's to fix)."""
+    for name, suspect in functions:
+        if suspect:
+            logger.warning(
+                "function_volatility_suspect database=%s function=%s: declared STABLE or"
+                " IMMUTABLE but its body calls an advisory lock or sequence function; a"
+                " standby would take the lock or refuse the call. Declare it VOLATILE or"
+                " list it in write_functions",
+                route.name,
+                name,
+            )
+
+
 def function_volatility(names: Sequence[str], rows: Sequence[Any]) -> dict[str, str]:
     """The worst volatility of each requested function name ("" if none exists).
 
@@ -641,7 +715,7 @@ def function_volatility(names: Sequence[str], rows: Sequence[Any]) -> dict[str, 
     for name in names:
         schema, _, bare = name.rpartition(".")
         worst = ""
-        for proname, nspname, volatility in rows:
+        for proname, nspname, volatility, *_ in rows:
             if proname != bare or (schema and nspname != schema):
                 continue
             if not worst or _VOLATILITY_ORDER.get(volatility, 2) > _VOLATILITY_ORDER[worst]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -145,6 +145,11 @@ class Classification:
     """For ``begin``: the transaction was declared READ ONLY."""
     base_reason: str = ""
     """The reason the statement would have if its unresolved functions are read-only."""
+    relations: tuple[str, ...] = ()
+    """Relations a read reads (schema-qualified when written so, CTE names left out):
+    the catalog tells unlogged tables and views (:func:`resolve_catalog`)."""
+    operators: tuple[str, ...] = ()
+    """Operators a read uses: a user-defined one runs a function of its own."""
     effects: tuple[tuple[str, str], ...] = ()
     """Session state a standby cannot hold that the statement starts (``("+", key)``)
     or ends (``("-", key)``): ``isolation`` (serializable by default), ``read_write``
@@ -161,6 +166,8 @@ SELECT = Classification(REPLICA, "select")
 _SELECT_PREFIX = '"stmts":[{"stmt":{"SelectStmt":'
 _MARKERS = (
     '"FuncCall"',
+    '"RangeVar"',
+    '"A_Expr"',
     '"lockingClause"',
     '"intoClause"',
     '"InsertStmt"',
@@ -198,11 +205,22 @@ def _classify_cached(sql: str) -> Classification:
     writes = [r for r in results if not r.replica and r.reason != "unknown_function"]
     if writes:
         return Classification(PRIMARY, "multi_statement", "multi", functions, unresolved)
+    relations = tuple(dict.fromkeys(n for r in results for n in r.relations))
+    operators = tuple(dict.fromkeys(n for r in results for n in r.operators))
     if unresolved:
         return Classification(
-            PRIMARY, "unknown_function", "multi", functions, unresolved, base_reason="select"
+            PRIMARY,
+            "unknown_function",
+            "multi",
+            functions,
+            unresolved,
+            base_reason="select",
+            relations=relations,
+            operators=operators,
         )
-    return Classification(REPLICA, "select", "multi", functions)
+    return Classification(
+        REPLICA, "select", "multi", functions, relations=relations, operators=operators
+    )
 
 
 def _parse_json(sql: str) -> str:
@@ -362,26 +380,17 @@ def _statement_of(node_type: str, node: dict[str, Any]) -> Classification:
         query = node.get("query") or {}
         ((inner_type, inner),) = query.items()
         result = _query(inner_type, inner, "prepare")
-        return Classification(
-            result.target,
-            result.reason if not result.replica else "prepare",
-            "prepare",
-            result.functions,
-            result.unresolved,
+        return replace(
+            result,
+            reason=result.reason if not result.replica else "prepare",
+            kind="prepare",
             base_reason="prepare",
         )
     if node_type == "DeclareCursorStmt":
         query = node.get("query") or {}
         ((inner_type, inner),) = query.items()
         result = _query(inner_type, inner, "cursor")
-        return Classification(
-            result.target,
-            result.reason,
-            "cursor",
-            result.functions,
-            result.unresolved,
-            base_reason="cursor",
-        )
+        return replace(result, kind="cursor", base_reason="cursor")
     if node_type in _READ_ONLY_UTILITY:
         return Classification(REPLICA, _READ_ONLY_UTILITY[node_type], "query")
     if node_type in _SESSION_KINDS:
@@ -403,11 +412,23 @@ def _query(node_type: str, node: dict[str, Any], read_reason: str) -> Classifica
         return Classification(PRIMARY, "writable_cte", functions=tuple(found.functions))
     if found.locking:
         return Classification(PRIMARY, "locking", functions=tuple(found.functions))
-    return _with_functions(Classification(REPLICA, read_reason), node, found)
+    result = _with_functions(Classification(REPLICA, read_reason), node, found)
+    if result.replica or result.base_reason:
+        return found.with_names(result)
+    return result
 
 
 class _Found:
-    __slots__ = ("functions", "into", "locking", "set_config_session", "write")
+    __slots__ = (
+        "ctes",
+        "functions",
+        "into",
+        "locking",
+        "operators",
+        "relations",
+        "set_config_session",
+        "write",
+    )
 
     def __init__(self) -> None:
         self.write = False
@@ -415,6 +436,15 @@ class _Found:
         self.into = False
         self.set_config_session = False
         self.functions: list[str] = []
+        self.relations: list[str] = []
+        self.operators: list[str] = []
+        self.ctes: set[str] = set()
+
+    def with_names(self, result: Classification) -> Classification:
+        """``result`` with the relations (not CTEs) and operators the query uses."""
+        relations = tuple(dict.fromkeys(r for r in self.relations if r not in self.ctes))
+        operators = tuple(dict.fromkeys(self.operators))
+        return replace(result, relations=relations, operators=operators)
 
 
 def _scan(node: Any) -> _Found:
@@ -434,6 +464,16 @@ def _visit(node: Any, found: _Found) -> None:
                     not _is_local_true(value) or _sets_transaction_mode(value)
                 ):
                     found.set_config_session = True
+            elif key == "RangeVar":
+                schema = value.get("schemaname")
+                name = value.get("relname", "")
+                found.relations.append(f"{schema}.{name}" if schema else name)
+            elif key == "A_Expr":
+                parts = [p.get("String", {}).get("sval", "") for p in value.get("name", ())]
+                if parts:
+                    found.operators.append(".".join(parts))
+            elif key == "CommonTableExpr":
+                found.ctes.add(value.get("ctename", ""))
             elif key in _WRITE_NODES:
                 found.write = True
             elif key == "lockingClause":
@@ -724,3 +764,114 @@ def resolve_functions(
                 PRIMARY, verdict, result.kind, result.functions, base_reason=result.base_reason
             )
     return Classification(REPLICA, result.base_reason, result.kind, result.functions)
+
+
+#: Views inside views followed at most this deep; deeper ones go to the primary.
+MAX_VIEW_DEPTH = 8
+RelationRow = tuple[str, str, str, "str | None"]
+"""(schema, relkind, relpersistence, view definition or None) of one relation."""
+OperatorRow = tuple[str, str, str]
+"""(operator schema, its function as ``schema.name``, the function's provolatile)."""
+
+
+@dataclass
+class Catalog:
+    """What a database's catalog said about the names statements use (cached per
+    database; an empty tuple: no such user object)."""
+
+    functions: dict[str, str]
+    relations: dict[str, tuple[RelationRow, ...]]
+    operators: dict[str, tuple[OperatorRow, ...]]
+
+
+@dataclass
+class Missing:
+    """Names the catalog must be asked about before a statement can be placed."""
+
+    functions: list[str] = field(default_factory=list)
+    relations: list[str] = field(default_factory=list)
+    operators: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.functions or self.relations or self.operators)
+
+    def add(self, other: Missing) -> None:
+        self.functions.extend(other.functions)
+        self.relations.extend(other.relations)
+        self.operators.extend(other.operators)
+
+
+def resolve_catalog(
+    result: Classification,
+    catalog: Catalog,
+    read_only: frozenset[str] = frozenset(),
+    write: frozenset[str] = frozenset(),
+    _depth: int = 0,
+) -> Classification | Missing:
+    """Refine a static classification with what the catalog says of the functions,
+    operators and relations a read uses: a user operator runs its function (volatile:
+    the primary), an unlogged table cannot be read during recovery, and a view does
+    what its definition does (a view that locks rows, calls ``nextval`` or a volatile
+    function goes where its definition would). Returns the classification, or the
+    names to look up first."""
+    resolved = resolve_functions(result, catalog.functions, read_only, write)
+    if isinstance(resolved, list):
+        return Missing(functions=resolved)
+    if not resolved.replica or not (result.relations or result.operators):
+        return resolved
+    missing = Missing()
+    for name in result.operators:
+        rows = catalog.operators.get(name)
+        if rows is None:
+            missing.operators.append(name)
+            continue
+        for _, function, volatility in _matching(rows, name):
+            verdict = _operator_verdict(function, volatility, read_only, write)
+            if verdict != "read":
+                return _primary(resolved, verdict)
+    for name in result.relations:
+        relations = catalog.relations.get(name)
+        if relations is None:
+            missing.relations.append(name)
+            continue
+        for _, _, persistence, definition in _matching(relations, name):
+            if persistence == "u":
+                return _primary(resolved, "unlogged_relation")
+            if definition is None:
+                continue
+            if _depth >= MAX_VIEW_DEPTH:
+                return _primary(resolved, "view_too_deep")
+            inner = resolve_catalog(classify(definition), catalog, read_only, write, _depth + 1)
+            if isinstance(inner, Missing):
+                missing.add(inner)
+            elif not inner.replica:
+                reason = (
+                    inner.reason if inner.reason.startswith("view_") else f"view_{inner.reason}"
+                )
+                return _primary(resolved, reason)
+    return missing if missing else resolved
+
+
+def _primary(result: Classification, reason: str) -> Classification:
+    return replace(result, target=PRIMARY, reason=reason, base_reason=result.reason)
+
+
+def _matching(rows: tuple[Any, ...], name: str) -> list[Any]:
+    """The catalog rows a name as written can mean: a qualified name its schema's, an
+    unqualified one every schema's (the worst of them decides)."""
+    schema, _, _ = name.rpartition(".")
+    return [row for row in rows if row[0] == schema] if schema else list(rows)
+
+
+def _operator_verdict(
+    function: str, volatility: str, read_only: frozenset[str], write: frozenset[str]
+) -> str:
+    bare = function.rpartition(".")[2]
+    if function in write or bare in write:
+        return "write_function"
+    if function in read_only or bare in read_only:
+        return "read"
+    verdict = function_verdict(function)
+    if verdict is not None:
+        return verdict  # a built-in behind the operator (an advisory lock, nextval)
+    return "volatile_operator" if volatility == "v" else "read"
