@@ -24,6 +24,16 @@ CREATE SEQUENCE IF NOT EXISTS ts_seq;
 CREATE OR REPLACE VIEW ts_next AS SELECT nextval('ts_seq') AS n;
 CREATE OR REPLACE FUNCTION ts_stable_next() RETURNS bigint LANGUAGE sql STABLE
     AS $$ SELECT nextval('ts_seq') $$;
+CREATE TABLE IF NOT EXISTS ts_log (a int, b int);
+CREATE OR REPLACE FUNCTION ts_log_pair(int, int) RETURNS int LANGUAGE plpgsql VOLATILE
+    AS $$ BEGIN INSERT INTO ts_log VALUES ($1, $2); RETURN 1; END $$;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_operator o JOIN pg_namespace n ON n.oid = o.oprnamespace
+                   WHERE o.oprname = '#!#' AND n.nspname = 'public') THEN
+        CREATE OPERATOR public.#!# (LEFTARG = int, RIGHTARG = int, FUNCTION = ts_log_pair);
+    END IF;
+END $$;
 """
 
 
@@ -64,6 +74,7 @@ def replica_rollbacks(db: Database) -> int:
         ("SELECT v FROM ts_unlogged", "unlogged"),  # 0A000: unlogged during recovery
         ("SELECT s.v FROM ts_shadow s JOIN ts_unlogged u ON true", "regular"),
         ("SELECT n > 0 FROM ts_next", True),  # 25006: a view calling nextval
+        ("SELECT 3 OPERATOR(public.#!#) 4", 1),  # 25006: an operator whose function inserts
     ],
 )
 def test_a_refused_read_runs_on_the_primary_and_is_remembered(
