@@ -69,7 +69,10 @@ class AsyncRoutingConnection:
 
     def __init__(self, lb: AsyncLoadBalancer, database: str | None) -> None:
         self._lb = lb
-        self._route = lb._router.route(database)
+        self._route = route = lb._router.route(database)
+        # The replicas this connection reads from, decided once (a rollout in progress
+        # may keep a database on another's replicas).
+        self._read_route = route if route.rollout_from is None else lb._router.read_route(route)
         self._conns: dict[Host, AConn] = {}
         self._dirty: set[Host] = set()  # hosts whose connection has session state
         self._pinned: Host | None = None
@@ -87,6 +90,9 @@ class AsyncRoutingConnection:
         """``host:port/dbname`` of the server that ran the last statement."""
         self.reason: str | None = None
         """Why the last statement went where it did."""
+        self.db_config_name: str | None = None
+        """Which configuration served the last statement (``main_replica``,
+        ``ci_replica``, or the primary's ``main``)."""
 
     def __repr__(self) -> str:
         pinned = f" pinned to {self._pinned.label}" if self._pinned else ""
@@ -323,12 +329,18 @@ class AsyncRoutingConnection:
             if reason == "read_only_retry":
                 c = refused_classification(c)  # it ran on the primary: it may have written
         self.host, self.reason = host.label, reason
+        self.db_config_name = self._config_name(host)
         note_read(current_state(), self._route.name, host)
         log_routed(host, reason, self._route.name)
         if c.effects:
             self._apply_effects(c, host)
         await self._after_statement(host, conn, c)
         return host, conn
+
+    def _config_name(self, host: Host) -> str:
+        if host is self._route.primary:
+            return self._route.primary_config_name
+        return self._read_route.replica_config_name
 
     def _apply_effects(self, c: Classification, host: Host) -> None:
         """Track session state a standby cannot hold (a serializable or read-write
@@ -381,7 +393,10 @@ class AsyncRoutingConnection:
         replica = await self._caught_up_replica(self._need(state))
         if replica is not None:
             return replica, "replica"
-        return route.primary, "replicas_behind" if route.read_set else "no_healthy_replica"
+        return (
+            route.primary,
+            "replicas_behind" if self._read_route.read_set else "no_healthy_replica",
+        )
 
     async def _begin_host(self) -> Host:
         """The host for a transaction started by transaction() or pipeline()."""
@@ -427,7 +442,7 @@ class AsyncRoutingConnection:
         """A replica proven to have replayed ``need``: by the cache, preferring one this
         connection already holds, else by asking held or pooled replicas directly."""
         router = self._lb._router
-        route = self._route
+        route = self._read_route
         candidates = router.caught_up(route, need, None)
         if excluded:
             candidates = [h for h in candidates if h not in excluded]
@@ -499,6 +514,7 @@ class AsyncRoutingConnection:
         else:
             self._session.append(statement)
         self.host, self.reason = host.label, "session_set"
+        self.db_config_name = self._config_name(host)
         log_routed(host, "session_set", self._route.name)
         await self._after_statement(host, conn, c)
         return host, conn

@@ -54,6 +54,7 @@ class _AsyncReadUnit:
         "_max_staleness",
         "_max_wait",
         "_need",
+        "_read_route",
         "_route",
         "in_transaction",
         "moved",
@@ -85,13 +86,23 @@ class _AsyncReadUnit:
     def host(self) -> Host:
         return self._host
 
+    @property
+    def db_config_name(self) -> str:
+        """``main_replica``, ``ci_replica``, or the primary's ``main``/``ci``."""
+        if self._host is self._route.primary:
+            return self._route.primary_config_name
+        return self._read_route.replica_config_name
+
     async def __aenter__(self) -> AsyncReadConnection:
         lb = self._lb
         if not lb._opened:
             await lb.open()
         route = self._route = lb._router.route(self._database)
+        # A database in a rollout reads from another's replicas until it reaches it.
+        read_route = route if route.rollout_from is None else lb._router.read_route(route)
+        self._read_route = read_route
         state = current_state()
-        if state.use_primary or not route.replicas:
+        if state.use_primary or not read_route.replicas:
             reason = "primary_scope" if state.use_primary else "no_replicas"
             host = route.primary
             conn = await lb._primary_for_read(route, reason)
@@ -101,7 +112,7 @@ class _AsyncReadUnit:
                 need = lb._router.required(route, state.token, state.grown_at)
             self._need = need
             host, conn, reason = await lb._connect_read(
-                route, self._need, self._max_staleness, self._max_wait, set()
+                read_route, self._need, self._max_staleness, self._max_wait, set()
             )
         self._host = host
         self._conn = conn
@@ -192,7 +203,7 @@ class _AsyncReadUnit:
             conn = await lb._primary_for_read(route, reason)
         else:
             new_host, conn, reason = await lb._connect_read(
-                route, self._need, self._max_staleness, 0.0, {host}
+                self._read_route, self._need, self._max_staleness, 0.0, {host}
             )
             reason = f"fallback_{reason}"
         self._host = new_host
@@ -222,6 +233,12 @@ class AsyncReadConnection:
     def host(self) -> str:
         """``host:port/dbname`` of the server that serves the unit."""
         return self._unit._host.label
+
+    @property
+    def db_config_name(self) -> str:
+        """Which configuration serves the unit: ``<database>_replica`` on a replica (the
+        database whose replicas it reads, during a rollout), else the primary's name."""
+        return self._unit.db_config_name
 
     @property
     def reason(self) -> str:

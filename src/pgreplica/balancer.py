@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import random
 import socket
 import time
 import weakref
@@ -23,7 +24,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from pgreplica.config import DatabaseConfig, Dsn, Settings
+from pgreplica.config import DatabaseConfig, Dsn, Settings, parse_rollout
 from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
@@ -143,10 +144,16 @@ class DatabaseRoute:
         "name",
         "operators",
         "primary",
+        "primary_config_name",
         "read_set",
         "refused",
         "relations",
+        "replica_config_name",
         "replicas",
+        "rollout",
+        "rollout_env",
+        "rollout_from",
+        "rollout_override",
         "shares_primary_with",
     )
 
@@ -168,6 +175,16 @@ class DatabaseRoute:
         """Statement texts a standby refused (the server's truth), with the SQLSTATE:
         they go to the primary at once from then on (:meth:`learn_refusal`)."""
         self.clamp_warned_at = -1e9
+        self.primary_config_name = name
+        """``db_config_name`` of this database's primary work: the name of the database
+        whose primary it reuses (``ci`` shows as ``main``), else its own."""
+        self.replica_config_name = f"{name}_replica"
+        self.rollout_from: DatabaseRoute | None = None
+        """The database whose replicas serve the reads a rollout has not moved yet."""
+        self.rollout: float | None = None
+        self.rollout_env = f"PGREPLICA_ROLLOUT_{name.upper()}"
+        self.rollout_override: Any = None
+        """Set by :meth:`BalancerBase.set_rollout`: a percentage or a callable."""
 
     def learn_refusal(self, text: str, exc: BaseException, host: Host) -> None:
         """A standby refused ``text``: remember it, so that it goes to the primary."""
@@ -208,7 +225,13 @@ class Router:
                     self._host(r, False, backoff, f"databases.{db.name}.replicas[{i}]")
                     for i, r in enumerate(db.replicas)
                 )
-            self.databases[db.name] = DatabaseRoute(db.name, primary, replicas)
+            self.databases[db.name] = route = DatabaseRoute(db.name, primary, replicas)
+            route.rollout = db.rollout
+        for db in settings.databases.values():
+            if db.primary_from is not None:
+                route = self.databases[db.name]
+                route.primary_config_name = db.primary_from
+                route.rollout_from = self.databases[db.primary_from]
         for route in self.databases.values():
             route.shares_primary_with = tuple(
                 other.name for other in self.databases.values() if other.primary is route.primary
@@ -223,6 +246,52 @@ class Router:
         elif host.configured_primary != primary:
             raise ConfigError(setting, f"{dsn.label} is configured both as primary and replica")
         return host
+
+    def read_route(self, route: DatabaseRoute) -> DatabaseRoute:
+        """The database whose replicas serve a unit of work of ``route``: its own, or,
+        while a rollout has not reached it, those of the database whose primary it
+        reuses (decided once per unit, like GitLab's ``use_model_load_balancing``)."""
+        fallback = route.rollout_from
+        if fallback is None:
+            return route
+        percent = self.rollout_percent(route)
+        if percent is None or percent >= 100.0:
+            return route
+        if percent <= 0.0:
+            return fallback
+        return route if random.random() * 100.0 < percent else fallback
+
+    def rollout_percent(self, route: DatabaseRoute) -> float | None:
+        """The rollout now: :meth:`~BalancerBase.set_rollout`, else the environment
+        (``PGREPLICA_ROLLOUT_<NAME>``, read each time), else the configuration. A value
+        that cannot be read keeps the reads where a rollout starts (0 %), and warns."""
+        override = route.rollout_override
+        try:
+            if override is not None:
+                value = override() if callable(override) else override
+                return parse_rollout(f"set_rollout({route.name!r})", value)
+            text = os.environ.get(route.rollout_env)
+            if text is not None and text.strip():
+                return parse_rollout(route.rollout_env, text)
+        except ConfigError as exc:
+            self._warn_rollout(route, exc)
+            return 0.0
+        except Exception as exc:  # a user callable that failed
+            self._warn_rollout(route, exc)
+            return 0.0
+        return route.rollout
+
+    def _warn_rollout(self, route: DatabaseRoute, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - route.clamp_warned_at >= 10.0:
+            route.clamp_warned_at = now
+            logger.warning(
+                "rollout_unreadable database=%s error=%s: reads use %s until it is fixed (%s)",
+                route.name,
+                type(exc).__name__,
+                route.rollout_from.replica_config_name if route.rollout_from else "its own",
+                str(exc)[:200],
+            )
 
     def route(self, database: str | None) -> DatabaseRoute:
         try:
@@ -455,6 +524,21 @@ class BalancerBase:
         """Transactions a routing connection starts inside are read-only, so they may
         be pinned to a caught-up replica."""
         return Scope(read_only=True)
+
+    def set_rollout(self, database: str, value: Any) -> None:
+        """Change ``database``'s rollout at run time: a percentage (``0`` to ``100``,
+        ``"0.01%"``), ``None`` to go back to the environment and the configuration, or a
+        callable returning either, asked at each decision (a feature flag). Only a
+        database that reuses another's primary has a rollout."""
+        route = self._router.route(database)
+        if route.rollout_from is None:
+            raise ConfigError(
+                f"databases.{route.name}.rollout",
+                "a rollout needs a database that reuses another's primary",
+            )
+        if value is not None and not callable(value):
+            parse_rollout(f"set_rollout({database!r})", value)  # refuse bad input now
+        route.rollout_override = value
 
     def causal(self, token: CausalToken | str) -> Scope:
         """Reads inside see at least ``token`` (from a cookie, a job or a message)."""

@@ -111,6 +111,10 @@ class DatabaseConfig:
     replicas: tuple[Dsn, ...] = ()
     primary_from: str | None = None
     """Name of the database whose primary (and pool) this one reuses, if any."""
+    rollout: float | None = None
+    """Percentage of this database's read units that use its own replicas; the others
+    read from the replicas of :attr:`primary_from` (``None``: all use its own, 0: none).
+    ``PGREPLICA_ROLLOUT_<NAME>``, read at each decision, overrides it."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ class Settings:
             if key != "databases":
                 values[key] = _coerce(key, value)
         values.update(_env_overrides(env, known))
-        values["databases"] = _parse_databases(data.get("databases"))
+        values["databases"] = _parse_databases(data.get("databases"), env)
         return cls(**values)
 
     @classmethod
@@ -236,7 +240,7 @@ class Settings:
         return replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
 
 
-def _parse_databases(raw: Any) -> dict[str, DatabaseConfig]:
+def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConfig]:
     if raw is None:
         raise ConfigError("databases", "missing: add [databases.main] with primary and replicas")
     if not isinstance(raw, Mapping) or not raw:
@@ -245,15 +249,22 @@ def _parse_databases(raw: Any) -> dict[str, DatabaseConfig]:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ConfigError(f"databases.{name}", "name must be letters, digits or _")
     parsed: dict[str, DatabaseConfig] = {}
-    references: dict[str, tuple[str, tuple[Dsn, ...]]] = {}
+    references: dict[str, tuple[str, tuple[Dsn, ...], float | None, str]] = {}
     for name, entry in raw.items():
         where = f"databases.{name}"
         if not isinstance(entry, Mapping):
             raise ConfigError(where, "expected a table with primary and replicas")
-        unknown = set(entry) - {"primary", "replicas"}
+        unknown = set(entry) - {"primary", "replicas", "rollout"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
         primary = entry.get("primary")
+        reuse_setting = f"{ENV_PREFIX}REUSE_PRIMARY_{name.upper()}"
+        reuse = env.get(reuse_setting, "").strip()
+        setting = reuse_setting if reuse else f"{where}.primary"
+        if reuse:
+            primary = reuse  # as GitLab's GITLAB_LOAD_BALANCING_REUSE_PRIMARY_<name>
+            if not _NAME_RE.match(reuse):
+                raise ConfigError(reuse_setting, "expected the name of a configured database")
         if not isinstance(primary, str) or not primary:
             raise ConfigError(f"{where}.primary", "missing: a connection string or a database")
         replicas_raw = entry.get("replicas", [])
@@ -262,18 +273,44 @@ def _parse_databases(raw: Any) -> dict[str, DatabaseConfig]:
         replicas = tuple(
             Dsn(r, setting=f"{where}.replicas[{i}]") for i, r in enumerate(replicas_raw)
         )
+        rollout = parse_rollout(f"{where}.rollout", entry.get("rollout"))
         if _NAME_RE.match(primary):
-            references[name] = (primary, replicas)
+            references[name] = (primary, replicas, rollout, setting)
         else:
+            if rollout is not None:
+                raise ConfigError(
+                    f"{where}.rollout",
+                    "a rollout moves reads from another database's replicas to this one's:"
+                    ' it needs a shared primary (primary = "main")',
+                )
             parsed[name] = DatabaseConfig(name, Dsn(primary, setting=f"{where}.primary"), replicas)
-    for name, (target, replicas) in references.items():
-        setting = f"databases.{name}.primary"
+    for name, (target, replicas, rollout, setting) in references.items():
+        if target == name:
+            raise ConfigError(setting, "a database cannot reuse its own primary")
         if target in references:
             raise ConfigError(setting, f"reuses {target!r}, which itself reuses another primary")
         if target not in parsed:
             raise ConfigError(setting, f"reuses database {target!r}, which is not configured")
-        parsed[name] = DatabaseConfig(name, parsed[target].primary, replicas, target)
+        parsed[name] = DatabaseConfig(name, parsed[target].primary, replicas, target, rollout)
     return {name: parsed[name] for name in raw}
+
+
+def parse_rollout(setting: str, value: Any) -> float | None:
+    """A rollout percentage: a number from 0 to 100 (``"1.5"``, ``"0.01%"``), or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(setting, f"expected a percentage from 0 to 100, got {value!r}")
+    text = str(value).strip().removesuffix("%")
+    try:
+        percent = float(text)
+    except ValueError:
+        raise ConfigError(
+            setting, f"expected a percentage from 0 to 100, got {str(value)[:40]!r}"
+        ) from None
+    if not 0.0 <= percent <= 100.0 or percent != percent:
+        raise ConfigError(setting, f"expected a percentage from 0 to 100, got {percent:g}")
+    return percent
 
 
 def _env_overrides(env: Mapping[str, str], known: set[str]) -> dict[str, Any]:
