@@ -35,9 +35,9 @@ def lb(healthy_cluster: LocalCluster) -> Iterator[pgreplica.LoadBalancer]:
         "CREATE TABLE IF NOT EXISTS md_main (v text); CREATE TABLE IF NOT EXISTS md_ci (v text)",
     )
     healthy_cluster.wait_replayed()
-    with pgreplica.LoadBalancer(config=two_databases(healthy_cluster)) as balancer:
-        with balancer.isolated():
-            yield balancer
+    config = two_databases(healthy_cluster)
+    with pgreplica.LoadBalancer(config=config) as balancer, balancer.isolated():
+        yield balancer
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -55,9 +55,9 @@ def test_reuse_primary_from_the_environment() -> None:
     shared = Settings.from_dict(data, environ={"PGREPLICA_REUSE_PRIMARY_CI": "main"})
     assert shared.databases["ci"].primary_from == "main"
     assert shared.databases["ci"].primary == shared.databases["main"].primary
-    with pytest.raises(ConfigError, match="PGREPLICA_REUSE_PRIMARY_CI.*'nope'"):
+    with pytest.raises(ConfigError, match=r"PGREPLICA_REUSE_PRIMARY_CI.*'nope'"):
         Settings.from_dict(data, environ={"PGREPLICA_REUSE_PRIMARY_CI": "nope"})
-    with pytest.raises(ConfigError, match="PGREPLICA_REUSE_PRIMARY_CI.*configured database"):
+    with pytest.raises(ConfigError, match=r"PGREPLICA_REUSE_PRIMARY_CI.*configured database"):
         Settings.from_dict(data, environ={"PGREPLICA_REUSE_PRIMARY_CI": "host=x"})
 
 
@@ -72,13 +72,13 @@ def test_a_bad_rollout_names_the_setting(value: object, problem: str) -> None:
             "ci": {"primary": "main", "rollout": value},
         }
     }
-    with pytest.raises(ConfigError, match=f"databases.ci.rollout.*{problem}"):
+    with pytest.raises(ConfigError, match=rf"databases.ci.rollout.*{problem}"):
         Settings.from_dict(data, environ={})
 
 
 def test_a_rollout_needs_a_shared_primary() -> None:
     data = {"databases": {"main": {"primary": "host=p", "rollout": 5}}}
-    with pytest.raises(ConfigError, match="databases.main.rollout.*shared primary"):
+    with pytest.raises(ConfigError, match=r"databases.main.rollout.*shared primary"):
         Settings.from_dict(data, environ={})
     ok = Settings.from_dict(
         {
