@@ -14,6 +14,7 @@ from pgreplica._balancer_async import AsyncLoadBalancer, AsyncReadConnection, As
 from pgreplica._balancer_sync import LoadBalancer, ReadConnection, ReadCursor
 from pgreplica._routing_async import AsyncRoutingConnection, AsyncRoutingCursor
 from pgreplica._routing_sync import RoutingConnection, RoutingCursor
+from pgreplica.comments import tags
 from pgreplica.config import DatabaseConfig, Dsn, Settings
 from pgreplica.errors import (
     ConfigError,
@@ -56,4 +57,5 @@ __all__ = [
     "classify",
     "format_lsn",
     "parse_lsn",
+    "tags",
 ]

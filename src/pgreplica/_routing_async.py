@@ -42,6 +42,7 @@ from pgreplica.balancer import (
     refused_classification,
     standby_refusal,
 )
+from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, error_reason
@@ -304,7 +305,7 @@ class AsyncRoutingConnection:
     async def _run(
         self, query: Any, params: Any, run: Any, *, server_cursor: bool = False
     ) -> tuple[Host, AConn]:
-        """Classify ``query``, pick its host, and ``await run(conn)`` there, retrying
+        """Classify ``query``, pick its host, and ``await run(conn, host)`` there, retrying
         once elsewhere where that is safe. Returns the host and connection used."""
         c = await self._lb.classify(query, self._route.name)
         host, reason = await self._choose(c, server_cursor)
@@ -319,7 +320,7 @@ class AsyncRoutingConnection:
             self._primary_only = True
             self._dirty.add(host)
         try:
-            await run(conn)
+            await run(conn, host)
         except psycopg.Error as exc:
             try:
                 host, conn, reason = await self._recover(exc, host, run, query)
@@ -336,6 +337,12 @@ class AsyncRoutingConnection:
             self._apply_effects(c, host)
         await self._after_statement(host, conn, c)
         return host, conn
+
+    def _tagged(self, query: Any, params: Any, host: Host) -> Any:
+        """``query`` with its SQL comment (``sql_comments``) for ``host``."""
+        if not self._lb._comments:
+            return query
+        return with_comment(query, comment_for(self._config_name(host)), params)
 
     def _config_name(self, host: Host) -> str:
         if host is self._route.primary:
@@ -500,7 +507,7 @@ class AsyncRoutingConnection:
     ) -> tuple[Host, AConn]:
         """A session-level SET (or RESET, DISCARD): on every held connection, then kept
         to be replayed on connections taken later."""
-        await run(conn)
+        await run(conn, host)
         self._dirty.add(host)
         for other, other_conn in list(self._conns.items()):
             if other is not host:
@@ -552,7 +559,7 @@ class AsyncRoutingConnection:
         else:
             raise exc
         new_host, new_conn, reason = await self._connect(new_host, reason, {host})
-        await run(new_conn)
+        await run(new_conn, new_host)
         return new_host, new_conn, reason
 
     async def _primary_failed(self, host: Host, exc: psycopg.Error, *, unknown: bool) -> None:
@@ -707,12 +714,13 @@ class AsyncRoutingCursor(AsyncCursorProxy):
         prepare: bool | None = None,
         binary: bool | None = None,
     ) -> AsyncRoutingCursor:
-        async def run(conn: AConn) -> None:
+        async def run(conn: AConn, host: Host) -> None:
             cursor = await self._bind(conn)
+            tagged = self._conn._tagged(query, params, host)
             if self._named:
-                await cursor.execute(query, params, binary=binary)
+                await cursor.execute(tagged, params, binary=binary)
             else:
-                await cursor.execute(query, params, prepare=prepare, binary=binary)
+                await cursor.execute(tagged, params, prepare=prepare, binary=binary)
 
         self._host, _ = await self._conn._run(query, params, run, server_cursor=self._named)
         return self
@@ -722,9 +730,10 @@ class AsyncRoutingCursor(AsyncCursorProxy):
     ) -> None:
         params_list = list(params_seq)
 
-        async def run(conn: AConn) -> None:
+        async def run(conn: AConn, host: Host) -> None:
             cursor = await self._bind(conn)
-            await cursor.executemany(query, params_list, returning=returning)
+            tagged = self._conn._tagged(query, params_list or None, host)
+            await cursor.executemany(tagged, params_list, returning=returning)
 
         self._host, _ = await self._conn._run(query, None, run)
 

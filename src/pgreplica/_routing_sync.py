@@ -25,6 +25,7 @@ from pgreplica.balancer import (
     refused_classification,
     standby_refusal,
 )
+from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, error_reason
@@ -276,7 +277,7 @@ class RoutingConnection:
     def _run(
         self, query: Any, params: Any, run: Any, *, server_cursor: bool = False
     ) -> tuple[Host, AConn]:
-        """Classify ``query``, pick its host, and ``run(conn)`` there, retrying
+        """Classify ``query``, pick its host, and ``run(conn, host)`` there, retrying
         once elsewhere where that is safe. Returns the host and connection used."""
         c = self._lb.classify(query, self._route.name)
         host, reason = self._choose(c, server_cursor)
@@ -291,7 +292,7 @@ class RoutingConnection:
             self._primary_only = True
             self._dirty.add(host)
         try:
-            run(conn)
+            run(conn, host)
         except psycopg.Error as exc:
             try:
                 host, conn, reason = self._recover(exc, host, run, query)
@@ -308,6 +309,12 @@ class RoutingConnection:
             self._apply_effects(c, host)
         self._after_statement(host, conn, c)
         return host, conn
+
+    def _tagged(self, query: Any, params: Any, host: Host) -> Any:
+        """``query`` with its SQL comment (``sql_comments``) for ``host``."""
+        if not self._lb._comments:
+            return query
+        return with_comment(query, comment_for(self._config_name(host)), params)
 
     def _config_name(self, host: Host) -> str:
         if host is self._route.primary:
@@ -470,7 +477,7 @@ class RoutingConnection:
     ) -> tuple[Host, AConn]:
         """A session-level SET (or RESET, DISCARD): on every held connection, then kept
         to be replayed on connections taken later."""
-        run(conn)
+        run(conn, host)
         self._dirty.add(host)
         for other, other_conn in list(self._conns.items()):
             if other is not host:
@@ -522,7 +529,7 @@ class RoutingConnection:
         else:
             raise exc
         new_host, new_conn, reason = self._connect(new_host, reason, {host})
-        run(new_conn)
+        run(new_conn, new_host)
         return new_host, new_conn, reason
 
     def _primary_failed(self, host: Host, exc: psycopg.Error, *, unknown: bool) -> None:
@@ -677,12 +684,13 @@ class RoutingCursor(CursorProxy):
         prepare: bool | None = None,
         binary: bool | None = None,
     ) -> RoutingCursor:
-        def run(conn: AConn) -> None:
+        def run(conn: AConn, host: Host) -> None:
             cursor = self._bind(conn)
+            tagged = self._conn._tagged(query, params, host)
             if self._named:
-                cursor.execute(query, params, binary=binary)
+                cursor.execute(tagged, params, binary=binary)
             else:
-                cursor.execute(query, params, prepare=prepare, binary=binary)
+                cursor.execute(tagged, params, prepare=prepare, binary=binary)
 
         self._host, _ = self._conn._run(query, params, run, server_cursor=self._named)
         return self
@@ -692,9 +700,10 @@ class RoutingCursor(CursorProxy):
     ) -> None:
         params_list = list(params_seq)
 
-        def run(conn: AConn) -> None:
+        def run(conn: AConn, host: Host) -> None:
             cursor = self._bind(conn)
-            cursor.executemany(query, params_list, returning=returning)
+            tagged = self._conn._tagged(query, params_list or None, host)
+            cursor.executemany(tagged, params_list, returning=returning)
 
         self._host, _ = self._conn._run(query, None, run)
 

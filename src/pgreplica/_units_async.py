@@ -31,6 +31,7 @@ from pgreplica.balancer import (
     record_commit,
     standby_refusal,
 )
+from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, error_reason
@@ -144,6 +145,12 @@ class _AsyncReadUnit:
         ):
             await self._move_to_primary("standby_refused")
         return self._conn
+
+    def tagged(self, query: Any, params: Any) -> Any:
+        """``query`` with its SQL comment (``sql_comments``), for the host serving now."""
+        if not self._lb._comments:
+            return query
+        return with_comment(query, comment_for(self.db_config_name), params)
 
     async def after(self) -> None:
         """After a statement succeeded: on the primary a refused statement may have
@@ -260,10 +267,14 @@ class AsyncReadConnection:
         unit = self._unit
         conn = await unit.before(query)
         try:
-            cur = await conn.execute(query, params, prepare=prepare, binary=binary)
+            cur = await conn.execute(
+                unit.tagged(query, params), params, prepare=prepare, binary=binary
+            )
         except psycopg.Error as exc:
             conn = await unit.recover(exc, query)
-            cur = await conn.execute(query, params, prepare=prepare, binary=binary)
+            cur = await conn.execute(
+                unit.tagged(query, params), params, prepare=prepare, binary=binary
+            )
         await unit.after()
         return cur
 
@@ -312,10 +323,14 @@ class AsyncReadCursor(AsyncCursorProxy):
         unit = self._unit
         await self._follow(await unit.before(query))
         try:
-            await self._cursor.execute(query, params, prepare=prepare, binary=binary)
+            await self._cursor.execute(
+                unit.tagged(query, params), params, prepare=prepare, binary=binary
+            )
         except psycopg.Error as exc:
             await self._follow(await unit.recover(exc, query))
-            await self._cursor.execute(query, params, prepare=prepare, binary=binary)
+            await self._cursor.execute(
+                unit.tagged(query, params), params, prepare=prepare, binary=binary
+            )
         await unit.after()
         return self
 
@@ -329,11 +344,13 @@ class AsyncReadCursor(AsyncCursorProxy):
         unit = self._unit
         params_list = list(params_seq)
         await self._follow(await unit.before(query))
+        tagged = unit.tagged(query, params_list or None)
         try:
-            await self._cursor.executemany(query, params_list, **kwargs)
+            await self._cursor.executemany(tagged, params_list, **kwargs)
         except psycopg.Error as exc:
             await self._follow(await unit.recover(exc, query))
-            await self._cursor.executemany(query, params_list, **kwargs)
+            tagged = unit.tagged(query, params_list or None)
+            await self._cursor.executemany(tagged, params_list, **kwargs)
         await unit.after()
 
 

@@ -24,6 +24,7 @@ from pgreplica.balancer import (
     record_commit,
     standby_refusal,
 )
+from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, error_reason
@@ -137,6 +138,12 @@ class _ReadUnit:
         ):
             self._move_to_primary("standby_refused")
         return self._conn
+
+    def tagged(self, query: Any, params: Any) -> Any:
+        """``query`` with its SQL comment (``sql_comments``), for the host serving now."""
+        if not self._lb._comments:
+            return query
+        return with_comment(query, comment_for(self.db_config_name), params)
 
     def after(self) -> None:
         """After a statement succeeded: on the primary a refused statement may have
@@ -253,10 +260,10 @@ class ReadConnection:
         unit = self._unit
         conn = unit.before(query)
         try:
-            cur = conn.execute(query, params, prepare=prepare, binary=binary)
+            cur = conn.execute(unit.tagged(query, params), params, prepare=prepare, binary=binary)
         except psycopg.Error as exc:
             conn = unit.recover(exc, query)
-            cur = conn.execute(query, params, prepare=prepare, binary=binary)
+            cur = conn.execute(unit.tagged(query, params), params, prepare=prepare, binary=binary)
         unit.after()
         return cur
 
@@ -305,10 +312,10 @@ class ReadCursor(CursorProxy):
         unit = self._unit
         self._follow(unit.before(query))
         try:
-            self._cursor.execute(query, params, prepare=prepare, binary=binary)
+            self._cursor.execute(unit.tagged(query, params), params, prepare=prepare, binary=binary)
         except psycopg.Error as exc:
             self._follow(unit.recover(exc, query))
-            self._cursor.execute(query, params, prepare=prepare, binary=binary)
+            self._cursor.execute(unit.tagged(query, params), params, prepare=prepare, binary=binary)
         unit.after()
         return self
 
@@ -322,11 +329,13 @@ class ReadCursor(CursorProxy):
         unit = self._unit
         params_list = list(params_seq)
         self._follow(unit.before(query))
+        tagged = unit.tagged(query, params_list or None)
         try:
-            self._cursor.executemany(query, params_list, **kwargs)
+            self._cursor.executemany(tagged, params_list, **kwargs)
         except psycopg.Error as exc:
             self._follow(unit.recover(exc, query))
-            self._cursor.executemany(query, params_list, **kwargs)
+            tagged = unit.tagged(query, params_list or None)
+            self._cursor.executemany(tagged, params_list, **kwargs)
         unit.after()
 
 

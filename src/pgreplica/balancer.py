@@ -493,6 +493,7 @@ class BalancerBase:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._router = Router(settings)
+        self._comments = settings.sql_comments
         self._pid = os.getpid()
         self._lent: dict[Host, set[Any]] = {h: set() for h in self._router.hosts.values()}
         """Connections out of the pools, per host: aborted when the prober marks their

@@ -139,6 +139,9 @@ class Settings:
     """Functions that may run on a replica whatever their declared volatility."""
     write_functions: tuple[str, ...] = ()
     """Functions whose calls always go to the primary."""
+    sql_comments: bool = True
+    """End routed statements with a sqlcommenter comment naming ``db_config_name`` and
+    the context's tags (:func:`pgreplica.tags`)."""
 
     def __post_init__(self) -> None:
         if not self.databases:
