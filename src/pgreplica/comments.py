@@ -32,6 +32,10 @@ _KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 _TAGS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("pgreplica_sql_tags", default=())
 _CACHE: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
 _CACHE_MAX = 1024
+#: Tagged statement texts, so that psycopg meets the same str object each time (its
+#: query cache then hashes nothing new).
+_TAGGED: dict[tuple[str, str, bool], str] = {}
+_TAGGED_MAX = 4096
 _MAX_VALUE = 256
 
 current_tags = _TAGS.get
@@ -100,10 +104,17 @@ def with_comment(query: Any, comment: str, params: Any) -> Any:
     """``query`` with ``comment`` on a line of its own at its end (a trailing ``--``
     comment of the statement cannot swallow it). With parameters, ``%`` is doubled, as
     psycopg reads ``%`` as a placeholder then."""
+    if isinstance(query, str):
+        key = (query, comment, params is None)
+        text = _TAGGED.get(key)
+        if text is None:
+            if len(_TAGGED) >= _TAGGED_MAX:
+                _TAGGED.clear()
+            escaped = comment if params is None else comment.replace("%", "%%")
+            text = _TAGGED[key] = f"{query}\n{escaped}"
+        return text
     if params is not None:
         comment = comment.replace("%", "%%")
-    if isinstance(query, str):
-        return f"{query}\n{comment}"
     if isinstance(query, bytes):
         return query + b"\n" + comment.encode()
     if isinstance(query, sql.Composable):

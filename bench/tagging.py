@@ -1,0 +1,104 @@
+"""What the SQL comment (db_config_name and tags) costs per statement.
+
+Run ``python -m bench.tagging`` (``make bench``). On a local primary with one replica
+(or ``--config``), two balancers on the same servers, one with ``sql_comments`` off and
+one with it on, time ``lb.read()`` + ``SELECT 1`` and a routing-connection ``SELECT 1``
+interleaved in rotating batches; the tagged balancer runs once with no application tag
+and once inside ``pgreplica.tags(application=..., endpoint_id=...)``. Medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import pgreplica
+from bench.overhead import cluster_target, quiet_logging
+from bench.token_cost import Arm, interleave, timed
+from pgreplica import LoadBalancer
+
+
+def read_arm(lb: LoadBalancer, tags: dict[str, str] | None) -> Arm:
+    def op() -> None:
+        with lb.read() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    if tags is None:
+        return timed(op)
+
+    def loop(n: int, out: list[int]) -> None:
+        with pgreplica.tags(**tags):
+            timed(op)(n, out)
+
+    return loop
+
+
+def routing_arm(lb: LoadBalancer) -> tuple[Arm, Callable[[], None]]:
+    rc = lb.connection()
+    rc.autocommit = True
+
+    def op() -> None:
+        rc.execute("SELECT 1").fetchone()
+
+    return timed(op), rc.close
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="an existing deployment (pgreplica.toml)")
+    parser.add_argument("--iterations", type=int, default=5000, help="per arm (5000)")
+    parser.add_argument("--batch", type=int, default=100, help="batch size (100)")
+    args = parser.parse_args(argv)
+    quiet_logging()
+    tags = {"application": "bench", "endpoint_id": "Books#index"}
+    with cluster_target(args.config) as target:
+        plain = LoadBalancer(target.primary, [target.replica], sql_comments=False)
+        tagged = LoadBalancer(target.primary, [target.replica], sql_comments=True)
+        with plain, tagged:
+            for lb in (plain, tagged):
+                deadline = time.monotonic() + 30
+                while True:
+                    with lb.read() as conn:
+                        conn.execute("SELECT 1")
+                        if conn.on_replica:
+                            break
+                    if time.monotonic() > deadline:
+                        raise SystemExit("reads did not reach the replica")
+                    time.sleep(0.05)
+            rc_plain, close_plain = routing_arm(plain)
+            rc_tagged, close_tagged = routing_arm(tagged)
+            arms = [
+                read_arm(plain, None),
+                read_arm(tagged, None),
+                read_arm(tagged, tags),
+                rc_plain,
+                rc_tagged,
+            ]
+            for arm in arms:
+                arm(200, [])  # warm-up
+            stats = interleave(arms, args.iterations, args.batch)
+            close_plain()
+            close_tagged()
+    labels = [
+        "lb.read() SELECT 1, sql_comments off",
+        "lb.read() SELECT 1, db_config_name comment",
+        "lb.read() SELECT 1, comment + 2 tags",
+        "lb.connection() SELECT 1, comments off",
+        "lb.connection() SELECT 1, db_config_name comment",
+    ]
+    print()
+    print("pgreplica: cost of SQL comments per statement (medians, interleaved)")
+    print(f"  target {target.description}, {args.iterations} statements per arm")
+    for label, s in zip(labels, stats, strict=True):
+        print(f"  {label:<50} median {s.median_us:8.1f} us   p99 {s.p99_us:8.1f} us")
+    print(
+        f"added per read: comment +{stats[1].median_us - stats[0].median_us:.1f} us,"
+        f" comment with tags +{stats[2].median_us - stats[0].median_us:.1f} us;"
+        f" per routing-connection statement +{stats[4].median_us - stats[3].median_us:.1f} us"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
