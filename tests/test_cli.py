@@ -59,3 +59,38 @@ def test_demo_ends_with_zero_stale_reads(capsys: pytest.CaptureFixture[str]) -> 
     assert "errors seen by the caller: 0" in out
     assert out.rstrip().splitlines()[-1] == "stale reads: 0"
     assert "***" in out
+
+
+def test_check_shows_where_each_database_goes_and_the_tag_received(
+    healthy_cluster: LocalCluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = tmp_path / "multi.toml"
+    config.write_text(
+        "[databases.main]\n"
+        f'primary = "{healthy_cluster.dsn(0)}"\n'
+        f'replicas = ["{healthy_cluster.dsn(1)}"]\n'
+        "[databases.ci]\n"
+        'primary = "main"\n'
+        f'replicas = ["{healthy_cluster.dsn(2)}"]\n'
+        "rollout = 0\n"
+    )
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    lines = {tuple(line.split()[:2]): line for line in out.splitlines() if line}
+    assert "main_replica" in lines[("main", "read")]
+    assert "/*db_config_name='main_replica'*/" in lines[("main", "read")]
+    assert " main " in lines[("ci", "write")]  # ci's primary work shows as main's
+    # rollout 0: ci reads from main's replicas, as in the seed before the flag is on
+    assert "/*db_config_name='main_replica'*/" in lines[("ci", "read")]
+    assert "ci: primary shared with main; rollout 0% of units read ci_replica" in out
+    assert healthy_cluster.dsn(0).split("@")[0].split(":")[-1] not in out  # no password
+    monkeypatch.setenv("PGREPLICA_ROLLOUT_CI", "100")  # the flag on, read at decision time
+    assert main(["check", "--config", str(config), "--database", "ci"]) == 0
+    out = capsys.readouterr().out
+    read_line = next(
+        line for line in out.splitlines() if line.startswith("ci ") and " read " in line
+    )
+    assert "/*db_config_name='ci_replica'*/" in read_line

@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     dump_module.add_arguments(dump)
     dump.set_defaults(handler=dump_module.run)
+    check = commands.add_parser(
+        "check",
+        help="where each database's reads and writes go, and the tag the server received",
+        description="Run one write and one read unit per logical database and show the"
+        " host, db_config_name, reason and the SQL comment the server received.",
+    )
+    from pgreplica import check as check_module
+
+    check_module.add_arguments(check)
+    check.set_defaults(handler=check_module.run)
     # Further top-level commands are added here, each with
     # commands.add_parser(...) and set_defaults(handler=...).
     return parser
