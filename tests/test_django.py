@@ -486,3 +486,25 @@ def test_asgi_requests_route_and_keep_read_your_writes(
     missing = asyncio.run(main())
     assert missing["token"] == 0
     assert missing["none"] > 0  # control: without the token the replica read is stale
+
+
+def test_a_request_logs_its_database_usage(client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from django.conf import settings
+    from django.test import Client, override_settings
+
+    options = {**(getattr(settings, "PGREPLICA", {}) or {}), "USAGE_LOG": True}
+    with (
+        override_settings(PGREPLICA=options),
+        caplog.at_level(logging.INFO, logger="pgreplica.django"),
+    ):
+        assert Client().get("/api/signatures/").status_code == 200
+        name = f"usage-{uuid.uuid4().hex[:12]}"
+        assert Client().post("/api/tags/", {"name": name}).status_code in (200, 201)
+    records = [r for r in caplog.records if r.getMessage().startswith("db_usage")]
+    assert len(records) == 2
+    read, write = (r.db_usage for r in records)  # type: ignore[attr-defined]
+    assert read["db_replica_count"] >= 1 and read["db_replica_default_count"] >= 1
+    assert read.get("db_primary_count", 0) == 0 and read["db_replica_duration_s"] > 0
+    assert write["db_primary_default_count"] >= 1 and write["db_write_count"] >= 1
+    assert "db_replica_count" not in write
+    assert "path=/api/signatures/" in records[0].getMessage()

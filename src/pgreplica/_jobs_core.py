@@ -24,6 +24,7 @@ from pgreplica.context import RouteState, Scope
 from pgreplica.errors import ConfigError, PgReplicaError, TokenError
 from pgreplica.health import Host
 from pgreplica.lsn import EMPTY_TOKEN, CausalToken
+from pgreplica.observe import WATCH, JobOutcome, notify
 
 logger = logging.getLogger("pgreplica.jobs")
 
@@ -329,6 +330,8 @@ def _finish(
     decision = Decision(job, kind, outcome, token or EMPTY_TOKEN, attempt, waited)
     with _OUTCOMES_LOCK:
         _OUTCOMES[(job, outcome)] += 1
+    if WATCH.on:
+        notify(JobOutcome(job, outcome))
     logger.info(
         "job_data_consistency task=%s consistency=%s outcome=%s attempt=%d waited_ms=%d",
         job,

@@ -20,6 +20,7 @@ connection goes back to its pool.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -46,6 +47,7 @@ from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, error_reason
+from pgreplica.observe import WATCH, Event, record
 from pgreplica.sql import Classification, could_write
 
 if TYPE_CHECKING:
@@ -319,6 +321,7 @@ class AsyncRoutingConnection:
             # not replayed elsewhere, so everything after it stays on this connection.
             self._primary_only = True
             self._dirty.add(host)
+        started = time.perf_counter() if WATCH.on else 0.0
         try:
             await run(conn, host)
         except psycopg.Error as exc:
@@ -335,8 +338,24 @@ class AsyncRoutingConnection:
         log_routed(host, reason, self._route.name)
         if c.effects:
             self._apply_effects(c, host)
+        if started and WATCH.on:
+            self._observe(host, reason, c, time.perf_counter() - started)
         await self._after_statement(host, conn, c)
         return host, conn
+
+    def _observe(self, host: Host, reason: str, c: Classification, seconds: float) -> None:
+        primary = host is self._route.primary
+        event = Event(
+            self._route.name,
+            self._config_name(host),
+            primary,
+            reason,
+            seconds,
+            primary and could_write(c),
+            host.label,
+        )
+        cached = reason == "replica" and bool(current_state().token.get(self._route.name))
+        record(event, cached=cached)
 
     def _tagged(self, query: Any, params: Any, host: Host) -> Any:
         """``query`` with its SQL comment (``sql_comments``) for ``host``."""

@@ -10,6 +10,7 @@ causal token to the primary's WAL insert position in the same round trip.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -35,6 +36,7 @@ from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, error_reason
+from pgreplica.observe import WATCH, Event, record
 
 if TYPE_CHECKING:
     from pgreplica._balancer_async import AsyncLoadBalancer
@@ -57,6 +59,7 @@ class _AsyncReadUnit:
         "_need",
         "_read_route",
         "_route",
+        "_t0",
         "in_transaction",
         "moved",
         "reason",
@@ -79,6 +82,7 @@ class _AsyncReadUnit:
         self.in_transaction = 0
         self.retried = False
         self.served = False
+        self._t0 = 0.0
         self.moved = False
         """The unit moved to the primary for a statement a standby refuses: what it
         runs there may write, so its position is recorded after each statement."""
@@ -137,6 +141,8 @@ class _AsyncReadUnit:
         """The connection for ``query``: the primary's at once for a statement a
         standby of this database has refused before (outside a transaction)."""
         route = self._route
+        if WATCH.on:
+            self._t0 = time.perf_counter()
         if (
             route.refused
             and self._host is not route.primary
@@ -156,6 +162,8 @@ class _AsyncReadUnit:
         """After a statement succeeded: on the primary a refused statement may have
         written, so the context's token follows the server (autocommit: it committed)."""
         self.served = True
+        if WATCH.on and self._t0:
+            self._observe()
         if self.moved and not self.in_transaction:
             try:
                 cur = await self._conn.execute(LSN_SQL)
@@ -163,6 +171,20 @@ class _AsyncReadUnit:
             except psycopg.Error:
                 row = None  # unknown: reads go to the primary until a probe bounds it
             record_commit(self._route, row)
+
+    def _observe(self) -> None:
+        route, host = self._route, self._host
+        event = Event(
+            route.name,
+            self.db_config_name,
+            host is route.primary,
+            self.reason,
+            time.perf_counter() - self._t0,
+            self.moved,
+            host.label,
+        )
+        record(event, cached=self.reason == "replica" and self._need > 0)
+        self._t0 = 0.0
 
     async def _move_to_primary(self, reason: str) -> None:
         lb, route, host = self._lb, self._route, self._host
@@ -357,7 +379,7 @@ class AsyncReadCursor(AsyncCursorProxy):
 class _AsyncWriteUnit:
     """``async with lb.write() as conn``: one transaction on the primary."""
 
-    __slots__ = ("_conn", "_database", "_host", "_lb", "_route")
+    __slots__ = ("_conn", "_database", "_host", "_lb", "_route", "_t0")
 
     def __init__(self, lb: AsyncLoadBalancer, database: str | None) -> None:
         self._lb = lb
@@ -369,6 +391,7 @@ class _AsyncWriteUnit:
             await lb.open()
         route = self._route = lb._router.route(self._database)
         host = self._host = route.primary
+        self._t0 = time.perf_counter() if WATCH.on else 0.0
         conn = await lb._primary_conn(route)
         try:
             await conn.set_autocommit(False)
@@ -410,6 +433,13 @@ class _AsyncWriteUnit:
             if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
                 await conn.set_autocommit(True)
             await lb._checkin(host, conn)
+            if self._t0 and WATCH.on:
+                route = self._route
+                seconds = time.perf_counter() - self._t0
+                event = Event(
+                    route.name, route.primary_config_name, True, "write", seconds, True, host.label
+                )
+                record(event, cached=False)
 
     async def _commit(self, conn: AConn) -> None:
         status = conn.info.transaction_status

@@ -3,6 +3,7 @@ the asyncio code. Do not edit; edit the asyncio file and regenerate."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -28,6 +29,7 @@ from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, error_reason
+from pgreplica.observe import WATCH, Event, record
 
 if TYPE_CHECKING:
     from pgreplica._balancer_sync import LoadBalancer
@@ -50,6 +52,7 @@ class _ReadUnit:
         "_need",
         "_read_route",
         "_route",
+        "_t0",
         "in_transaction",
         "moved",
         "reason",
@@ -72,6 +75,7 @@ class _ReadUnit:
         self.in_transaction = 0
         self.retried = False
         self.served = False
+        self._t0 = 0.0
         self.moved = False
         """The unit moved to the primary for a statement a standby refuses: what it
         runs there may write, so its position is recorded after each statement."""
@@ -130,6 +134,8 @@ class _ReadUnit:
         """The connection for ``query``: the primary's at once for a statement a
         standby of this database has refused before (outside a transaction)."""
         route = self._route
+        if WATCH.on:
+            self._t0 = time.perf_counter()
         if (
             route.refused
             and self._host is not route.primary
@@ -149,6 +155,8 @@ class _ReadUnit:
         """After a statement succeeded: on the primary a refused statement may have
         written, so the context's token follows the server (autocommit: it committed)."""
         self.served = True
+        if WATCH.on and self._t0:
+            self._observe()
         if self.moved and not self.in_transaction:
             try:
                 cur = self._conn.execute(LSN_SQL)
@@ -156,6 +164,20 @@ class _ReadUnit:
             except psycopg.Error:
                 row = None  # unknown: reads go to the primary until a probe bounds it
             record_commit(self._route, row)
+
+    def _observe(self) -> None:
+        route, host = self._route, self._host
+        event = Event(
+            route.name,
+            self.db_config_name,
+            host is route.primary,
+            self.reason,
+            time.perf_counter() - self._t0,
+            self.moved,
+            host.label,
+        )
+        record(event, cached=self.reason == "replica" and self._need > 0)
+        self._t0 = 0.0
 
     def _move_to_primary(self, reason: str) -> None:
         lb, route, host = self._lb, self._route, self._host
@@ -342,7 +364,7 @@ class ReadCursor(CursorProxy):
 class _WriteUnit:
     """``with lb.write() as conn``: one transaction on the primary."""
 
-    __slots__ = ("_conn", "_database", "_host", "_lb", "_route")
+    __slots__ = ("_conn", "_database", "_host", "_lb", "_route", "_t0")
 
     def __init__(self, lb: LoadBalancer, database: str | None) -> None:
         self._lb = lb
@@ -354,6 +376,7 @@ class _WriteUnit:
             lb.open()
         route = self._route = lb._router.route(self._database)
         host = self._host = route.primary
+        self._t0 = time.perf_counter() if WATCH.on else 0.0
         conn = lb._primary_conn(route)
         try:
             conn.set_autocommit(False)
@@ -395,6 +418,13 @@ class _WriteUnit:
             if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
                 conn.set_autocommit(True)
             lb._checkin(host, conn)
+            if self._t0 and WATCH.on:
+                route = self._route
+                seconds = time.perf_counter() - self._t0
+                event = Event(
+                    route.name, route.primary_config_name, True, "write", seconds, True, host.label
+                )
+                record(event, cached=False)
 
     def _commit(self, conn: AConn) -> None:
         status = conn.info.transaction_status

@@ -29,6 +29,7 @@ from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
 from pgreplica.lsn import CausalToken, parse_lsn, split_origin
+from pgreplica.observe import WATCH, Fallback, notify
 from pgreplica.sql import PRIMARY, Catalog, Classification, OperatorRow, RelationRow
 
 __all__ = ["BalancerBase", "Router"]
@@ -495,6 +496,14 @@ class BalancerBase:
         self._router = Router(settings)
         self._comments = settings.sql_comments
         self._pid = os.getpid()
+        if settings.metrics:
+            from pgreplica import metrics
+
+            metrics.enable(self)
+        if settings.opentelemetry:
+            from pgreplica import otel
+
+            otel.enable()
         self._lent: dict[Host, set[Any]] = {h: set() for h in self._router.hosts.values()}
         """Connections out of the pools, per host: aborted when the prober marks their
         replica down, so a caller never waits on a server that stopped answering."""
@@ -727,6 +736,8 @@ def primary_token(route: DatabaseRoute, position: int) -> CausalToken:
 
 
 def log_fallback(host: Host, exc: BaseException, reason: str) -> None:
+    if WATCH.on:
+        notify(Fallback(host.label, reason))
     logger.warning(
         "db_routing_fallback host=%s error=%s reason=%s",
         host.label,

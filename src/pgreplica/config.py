@@ -142,6 +142,10 @@ class Settings:
     sql_comments: bool = True
     """End routed statements with a sqlcommenter comment naming ``db_config_name`` and
     the context's tags (:func:`pgreplica.tags`)."""
+    metrics: bool = False
+    """Prometheus metrics labelled by ``db_config_name`` (:mod:`pgreplica.metrics`)."""
+    opentelemetry: bool = False
+    """Routing attributes on the active OpenTelemetry span (:mod:`pgreplica.otel`)."""
 
     def __post_init__(self) -> None:
         if not self.databases:

@@ -48,7 +48,7 @@ from typing import Any, TypeAlias
 import celery
 from celery import signals
 
-from pgreplica import jobs
+from pgreplica import jobs, observe
 from pgreplica._balancer_sync import LoadBalancer
 from pgreplica._fork import ForkSafeLock
 from pgreplica.errors import ConfigError
@@ -152,8 +152,11 @@ class Installation:
         *,
         enabled: bool | None = None,
         rand: Callable[[], float] | None = None,
+        usage_log: bool = False,
     ) -> None:
         self.app = app
+        self.usage_log = usage_log
+        """Count each task's database work (:mod:`pgreplica.observe`) and log it."""
         self.enabled = enabled
         """Overrides ``PGREPLICA_JOBS_ENABLED`` when not ``None``."""
         self.rand = rand or random.random
@@ -161,7 +164,7 @@ class Installation:
         self._lb: LoadBalancer | None = lb if isinstance(lb, LoadBalancer) else None
         self._lock = ForkSafeLock()
         self._specs: dict[str, tuple[JobSpec, bool]] = {}
-        self._active: dict[str, list[JobScope]] = {}
+        self._active: dict[str, list[tuple[JobScope, observe.usage | None, str]]] = {}
         self._uid = f"pgreplica-jobs-{id(self)}"
 
     @property
@@ -246,9 +249,12 @@ class Installation:
             )
         except Exception as exc:  # never run a job with an unknown routing state
             decision = self._fallback(task, exc)
+        used = observe.usage() if self.usage_log else None
+        if used is not None:
+            used.__enter__()
         decision.scope.__enter__()
         with self._lock:
-            self._active.setdefault(str(task_id), []).append(decision.scope)
+            self._active.setdefault(str(task_id), []).append((decision.scope, used, decision.job))
 
     def _fallback(self, task: Any, exc: Exception) -> Decision:
         name = _task_name(task)
@@ -266,10 +272,19 @@ class Installation:
             stack = self._active.get(key)
             if not stack:
                 return
-            scope = stack.pop()
+            scope, used, job = stack.pop()
             if not stack:
                 del self._active[key]
         scope.__exit__(None, None, None)
+        if used is not None:
+            used.__exit__(None, None, None)
+            summary = used.used.summary()
+            logger.info(
+                "job_db_usage task=%s db_count=%d",
+                job,
+                summary.get("db_count", 0),
+                extra={"db_usage": summary},
+            )
 
 
 _INSTALLED: dict[int, Installation] = {}
@@ -281,18 +296,21 @@ def install(
     *,
     enabled: bool | None = None,
     rand: Callable[[], float] | None = None,
+    usage_log: bool = False,
 ) -> Installation:
     """Route the tasks of ``app`` by their data consistency, using ``lb`` (a
     :class:`~pgreplica.LoadBalancer`, or a callable returning one, called on first use).
 
     ``enabled`` overrides ``PGREPLICA_JOBS_ENABLED`` (read at each publish and task
     start when ``None``); ``rand`` is the random source of percentage flags. Installing
-    the same app again replaces the earlier installation.
+    the same app again replaces the earlier installation. ``usage_log`` logs each
+    task's database usage (``job_db_usage``, INFO, the counts as ``extra["db_usage"]``;
+    inside the task, :func:`pgreplica.observe.current_usage` reads them).
     """
     previous = _INSTALLED.get(id(app))
     if previous is not None:
         previous.uninstall()
-    installation = Installation(app, lb, enabled=enabled, rand=rand)
+    installation = Installation(app, lb, enabled=enabled, rand=rand, usage_log=usage_log)
     installation.connect()
     _INSTALLED[id(app)] = installation
     return installation

@@ -17,6 +17,7 @@ import logging
 from contextlib import ExitStack
 from typing import Any
 
+from pgreplica import observe
 from pgreplica.balancer import LSN_SQL, primary_token
 from pgreplica.context import record_write
 from pgreplica.contrib.django.state import REQUEST, RequestState, integration, track_queries
@@ -39,6 +40,7 @@ class PgReplicaMiddleware:
         self.header_name: str = options.get("TOKEN_HEADER", HEADER)
         self.key: str = options.get("SIGNING_KEY") or settings.SECRET_KEY
         self.sticking_spec = options.get("STICKING")
+        self.usage_log = bool(options.get("USAGE_LOG", False))
 
     def __call__(self, request: Any) -> Any:
         lb = integration().lb
@@ -46,6 +48,10 @@ class PgReplicaMiddleware:
         incoming = self._incoming(request)
         state = RequestState()
         with ExitStack() as stack:
+            if self.usage_log:
+                used = stack.enter_context(observe.usage())
+                request.pgreplica_usage = used
+                stack.callback(_log_usage, request, used)
             stack.enter_context(lb.isolated())
             stack.enter_context(lb.causal(incoming))
             ident = self._ident(request)
@@ -108,6 +114,19 @@ class PgReplicaMiddleware:
             row = cursor.fetchone()
         if row and row[0]:
             record_write(primary_token(integ.route, parse_lsn(row[0])))
+
+
+def _log_usage(request: Any, used: observe.Usage) -> None:
+    """The request's database usage, as GitLab's request log has it: counts and
+    durations per role and db_config_name, as fields of one INFO record."""
+    summary = used.summary()
+    logger.info(
+        "db_usage method=%s path=%s db_count=%d",
+        request.method,
+        request.path,
+        summary.get("db_count", 0),
+        extra={"db_usage": summary},
+    )
 
 
 _stickings: dict[tuple[int, str], Any] = {}

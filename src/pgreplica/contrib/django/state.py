@@ -9,6 +9,7 @@ Per request: a :class:`RequestState` in a contextvar (threads and ASGI alike).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -17,8 +18,10 @@ from typing import Any
 
 from pgreplica._balancer_sync import LoadBalancer
 from pgreplica._fork import ForkSafeLock
+from pgreplica.comments import comment_for, with_comment
 from pgreplica.contrib.django.settings import REPLICA_ALIAS, conninfo
 from pgreplica.health import Host
+from pgreplica.observe import WATCH, Event, record
 from pgreplica.sql import classify
 
 _lock = ForkSafeLock()
@@ -126,18 +129,40 @@ def track_queries(state: RequestState) -> Iterator[None]:
 
     lb = integration()
     primary = lb.primary_alias
+    route = lb.route
+    comments = lb.lb._comments
 
     def wrapper(alias: str) -> Callable[..., Any]:
+        on_primary = alias == primary
+        config_name = route.primary_config_name if on_primary else route.replica_config_name
+
         def run(
             execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
         ) -> Any:
             state.served.add(alias)
-            if alias == primary and state.replica:
+            if on_primary and state.replica:
                 state.read_primary = True
-            if alias == primary and not classify(sql if isinstance(sql, str) else str(sql)).replica:
-                state.wrote = True
+            wrote = False
+            if on_primary and not classify(sql if isinstance(sql, str) else str(sql)).replica:
+                state.wrote = wrote = True
                 state.primary_only = True
-            return execute(sql, params, many, context)
+            tagged = with_comment(sql, comment_for(config_name), params) if comments else sql
+            if not WATCH.on:
+                return execute(tagged, params, many, context)
+            started = time.perf_counter()
+            try:
+                return execute(tagged, params, many, context)
+            finally:
+                event = Event(
+                    route.name,
+                    config_name,
+                    on_primary,
+                    "primary" if on_primary else "replica",
+                    time.perf_counter() - started,
+                    wrote,
+                    alias,
+                )
+                record(event, cached=False)
 
         return run
 

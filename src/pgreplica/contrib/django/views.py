@@ -109,3 +109,14 @@ def read_replica(view: F) -> F:
         return _run_with_replica(lambda: view(request, *args, **kwargs), view.__name__)
 
     return wrapper  # type: ignore[return-value]
+
+
+def metrics(request: Any) -> Any:
+    """The Prometheus exposition of pgreplica's metrics (setting ``metrics = true``):
+    ``path("metrics", pgreplica.contrib.django.views.metrics)``."""
+    from django.http import HttpResponse
+
+    from pgreplica.metrics import exposition
+
+    body, content_type = exposition()
+    return HttpResponse(body, content_type=content_type)

@@ -1,0 +1,180 @@
+"""What operators watch: per-context usage summaries named as GitLab's request logs
+name them, Prometheus metrics labelled by db_config_name whose counts equal what the
+test did, and OpenTelemetry span attributes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import pgreplica
+from pgreplica import jobs, metrics, observe
+from pgreplica.testing import LocalCluster
+
+
+def two_databases(cluster: LocalCluster, **options: object) -> dict[str, object]:
+    return {
+        "databases": {
+            "main": {"primary": cluster.dsn(0), "replicas": [cluster.dsn(1)]},
+            "ci": {"primary": "main", "replicas": [cluster.dsn(2)]},
+        },
+        **options,
+    }
+
+
+@pytest.fixture
+def lb(healthy_cluster: LocalCluster) -> Iterator[pgreplica.LoadBalancer]:
+    healthy_cluster.execute(0, "CREATE TABLE IF NOT EXISTS ob_items (v text)")
+    healthy_cluster.wait_replayed()
+    config = two_databases(healthy_cluster)
+    with pgreplica.LoadBalancer(config=config) as balancer, balancer.isolated():
+        yield balancer
+
+
+def test_nothing_is_watched_until_someone_watches() -> None:
+    assert observe.current_usage() is None
+    with observe.usage() as used:
+        assert observe.WATCH.on and observe.current_usage() is used
+    assert observe.current_usage() is None
+
+
+def test_a_usage_scope_counts_statements_by_role_and_configuration(
+    lb: pgreplica.LoadBalancer,
+) -> None:
+    with observe.usage() as used:
+        with lb.write("ci") as conn:  # ci's primary work shows as main's
+            conn.execute("INSERT INTO ob_items VALUES ('a')")
+        with lb.read("ci") as conn:
+            conn.execute("SELECT count(*) FROM ob_items")
+            conn.execute("SELECT 1")
+        with lb.read("main") as conn:
+            conn.execute("SELECT 1")
+        with lb.connection("ci") as rc:
+            rc.autocommit = True
+            rc.execute("SELECT 2")
+    s = used.summary()
+    assert s["db_count"] == 5 and s["db_write_count"] == 1
+    assert s["db_primary_count"] == s["db_primary_main_count"] == 1
+    replica_reads = s.get("db_replica_count", 0)
+    primary_reads = s["db_count"] - 1 - replica_reads  # reads the primary served
+    assert replica_reads + primary_reads == 4
+    assert s.get("db_replica_ci_count", 0) + s.get("db_replica_main_count", 0) == replica_reads
+    # each read after the write had a token: proven by the cache or by asking
+    proven = s.get("db_replica_wal_count", 0) + s.get("db_replica_wal_cached_count", 0)
+    assert proven == replica_reads
+    assert s["db_duration_s"] >= s["db_primary_duration_s"] > 0
+    assert set(s) >= {"db_count", "db_primary_main_duration_s", "db_duration_s"}
+
+
+def test_metrics_count_what_was_done(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    metrics.enable(lb, registry=registry)
+    registry = metrics._STATE["registry"]  # the first enable() of the process picked it
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    before = value(
+        "pgreplica_statements_total", db_config_name="ci_replica", role="replica", reason="replica"
+    )
+    before_write = value(
+        "pgreplica_statements_total", db_config_name="main", role="primary", reason="write"
+    )
+    before_fallback = value(
+        "pgreplica_fallbacks_total",
+        host=f"127.0.0.1:{healthy_cluster.port(2)}/postgres",
+        reason="read_only_retry",
+    )
+    before_jobs = value("pgreplica_job_outcomes_total", job="metrics-job", outcome="primary_no_wal")
+    with lb.isolated():
+        for _ in range(7):
+            with lb.read("ci") as conn:
+                conn.execute("SELECT 1")
+                assert conn.reason == "replica"
+        with lb.write("ci") as conn:
+            conn.execute("SELECT 1")
+    with lb.isolated(), lb.read("ci") as conn:  # a write the replica refuses: a fallback
+        conn.execute("INSERT INTO ob_items VALUES ('fallback') /* metrics */")
+    jobs.start_job(lb, "sticky", None, job="metrics-job", enabled=True)
+    after = value(
+        "pgreplica_statements_total", db_config_name="ci_replica", role="replica", reason="replica"
+    )
+    assert after - before == 7
+    assert (
+        value("pgreplica_statements_total", db_config_name="main", role="primary", reason="write")
+        - before_write
+        == 1
+    )
+    assert (
+        value("pgreplica_statement_seconds_total", db_config_name="ci_replica", role="replica") > 0
+    )
+    assert (
+        value("pgreplica_caught_up_checks_total", db_config_name="ci_replica", source="cache") >= 7
+    )
+    assert (
+        value(
+            "pgreplica_fallbacks_total",
+            host=f"127.0.0.1:{healthy_cluster.port(2)}/postgres",
+            reason="read_only_retry",
+        )
+        - before_fallback
+        == 1
+    )
+    assert (
+        value("pgreplica_job_outcomes_total", job="metrics-job", outcome="primary_no_wal")
+        - before_jobs
+        == 1
+    )
+    for index, database in ((0, "main"), (1, "main"), (2, "ci")):
+        host = f"127.0.0.1:{healthy_cluster.port(index)}/postgres"
+        role = "primary" if index == 0 else "replica"
+        assert value("pgreplica_host_online", host=host, database=database, role=role) == 1.0
+    replica = f"127.0.0.1:{healthy_cluster.port(2)}/postgres"
+    assert value("pgreplica_host_replay_lsn_bytes", host=replica, database="ci", role="replica") > 0
+    text, content_type = metrics.exposition()
+    assert b"pgreplica_statements_total" in text and content_type.startswith("text/plain")
+    assert healthy_cluster.dsn(0).split("@")[0].split(":")[-1].encode() not in text
+
+
+def test_metrics_setting_needs_prometheus_client_or_says_so(
+    healthy_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_prometheus(name: str, *args: object, **kwargs: object) -> object:
+        if name == "prometheus_client":
+            raise ImportError("no prometheus_client")
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_prometheus)
+    with pytest.raises(pgreplica.ConfigError, match=r"metrics.*pgreplica\[prometheus\]"):
+        pgreplica.LoadBalancer(config=two_databases(healthy_cluster, metrics=True))
+
+
+def test_spans_get_the_routing_of_their_statements(lb: pgreplica.LoadBalancer) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from pgreplica import otel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("pgreplica-test")
+    otel.enable()
+    with tracer.start_as_current_span("request"), lb.read("ci") as conn:
+        conn.execute("SELECT 1")
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes is not None
+    assert span.attributes["pgreplica.db_config_name"] == "ci_replica"
+    assert span.attributes["pgreplica.role"] == "replica"
+    assert span.attributes["pgreplica.reason"] == "replica"
+    assert str(span.attributes["pgreplica.host"]).startswith("127.0.0.1:")
