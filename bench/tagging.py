@@ -1,10 +1,11 @@
-"""What the SQL comment (db_config_name and tags) costs per statement.
+"""What the SQL comment (db_config_name and tags) and the metrics cost per statement.
 
 Run ``python -m bench.tagging`` (``make bench``). On a local primary with one replica
 (or ``--config``), two balancers on the same servers, one with ``sql_comments`` off and
 one with it on, time ``lb.read()`` + ``SELECT 1`` and a routing-connection ``SELECT 1``
 interleaved in rotating batches; the tagged balancer runs once with no application tag
-and once inside ``pgreplica.tags(application=..., endpoint_id=...)``. Medians.
+and once inside ``pgreplica.tags(application=..., endpoint_id=...)``; the untagged one
+runs once more with the Prometheus sink counting (only during its own batches). Medians.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import pgreplica
 from bench.overhead import cluster_target, quiet_logging
 from bench.token_cost import Arm, interleave, timed
-from pgreplica import LoadBalancer
+from pgreplica import LoadBalancer, metrics, observe
 
 
 def read_arm(lb: LoadBalancer, tags: dict[str, str] | None) -> Arm:
@@ -30,6 +31,20 @@ def read_arm(lb: LoadBalancer, tags: dict[str, str] | None) -> Arm:
     def loop(n: int, out: list[int]) -> None:
         with pgreplica.tags(**tags):
             timed(op)(n, out)
+
+    return loop
+
+
+def watched(arm: Arm) -> Arm:
+    """``arm`` with the Prometheus sink counting its statements (only during its
+    batches: the other arms run unwatched, as with ``metrics = false``)."""
+
+    def loop(n: int, out: list[int]) -> None:
+        observe.add_sink(metrics._sink)
+        try:
+            arm(n, out)
+        finally:
+            observe.remove_sink(metrics._sink)
 
     return loop
 
@@ -68,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.05)
             rc_plain, close_plain = routing_arm(plain)
             rc_tagged, close_tagged = routing_arm(tagged)
+            metrics.enable(plain)
+            observe.remove_sink(metrics._sink)  # counted only inside the watched arm
             arms = [
                 read_arm(plain, None),
                 read_arm(tagged, None),
                 read_arm(tagged, tags),
                 rc_plain,
                 rc_tagged,
+                watched(read_arm(plain, None)),
             ]
             for arm in arms:
                 arm(200, [])  # warm-up
@@ -86,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "lb.read() SELECT 1, comment + 2 tags",
         "lb.connection() SELECT 1, comments off",
         "lb.connection() SELECT 1, db_config_name comment",
+        "lb.read() SELECT 1, comments off, metrics on",
     ]
     print()
     print("pgreplica: cost of SQL comments per statement (medians, interleaved)")
@@ -95,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"added per read: comment +{stats[1].median_us - stats[0].median_us:.1f} us,"
         f" comment with tags +{stats[2].median_us - stats[0].median_us:.1f} us;"
-        f" per routing-connection statement +{stats[4].median_us - stats[3].median_us:.1f} us"
+        f" per routing-connection statement +{stats[4].median_us - stats[3].median_us:.1f} us;"
+        f" metrics per read +{stats[5].median_us - stats[0].median_us:.1f} us"
     )
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,16 @@ def test_check_shows_where_each_database_goes_and_the_tag_received(
         line for line in out.splitlines() if line.startswith("ci ") and " read " in line
     )
     assert "/*db_config_name='ci_replica'*/" in read_line
+
+
+def test_status_as_json_and_watched(
+    healthy_cluster: LocalCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = healthy_cluster.write_config(tmp_path / "pgreplica.toml")
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["role"] for r in rows} == {"primary", "replica"} and len(rows) == 3
+    assert all(r["state"] == "up" and r["databases"] == ["main"] for r in rows)
+    assert main(["status", "--config", str(config), "--watch", "0.05", "--count", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("HOST ") == 2 and "\x1b[2J" in out  # two redraws

@@ -122,8 +122,13 @@ def test_hung_replica_leaves_the_read_set_and_callers_see_no_error(
     assert tally.cycles > 50
 
 
-def test_promoted_replica_leaves_the_read_set(scratch_cluster: LocalCluster) -> None:
-    with pgreplica.LoadBalancer(config=scratch_cluster.config()) as lb:
+def test_promoted_replica_leaves_the_read_set(
+    scratch_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="pgreplica"),
+        pgreplica.LoadBalancer(config=scratch_cluster.config()) as lb,
+    ):
         prepare(lb, range(200, 204))
         victim = label(scratch_cluster, 1)
 
@@ -141,6 +146,7 @@ def test_promoted_replica_leaves_the_read_set(scratch_cluster: LocalCluster) -> 
                 assert conn.host != victim
         status = {s.host: s for s in lb.status()}
         assert status[victim].role == "promoted"
+    assert f"replica_promoted host={victim}: out of the read set" in caplog.text
 
 
 def test_every_replica_down_reads_go_to_the_primary(

@@ -4,6 +4,7 @@ test did, and OpenTelemetry span attributes."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -178,3 +179,19 @@ def test_spans_get_the_routing_of_their_statements(lb: pgreplica.LoadBalancer) -
     assert span.attributes["pgreplica.role"] == "replica"
     assert span.attributes["pgreplica.reason"] == "replica"
     assert str(span.attributes["pgreplica.host"]).startswith("127.0.0.1:")
+
+
+def test_a_read_no_replica_can_take_is_logged_by_name(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    healthy_cluster.pause(2)
+    try:
+        with lb.isolated():
+            with lb.write("ci") as conn:
+                conn.execute("INSERT INTO ob_items VALUES ('behind')")
+            with caplog.at_level(logging.DEBUG, logger="pgreplica.routing"), lb.read("ci") as conn:
+                conn.execute("SELECT 1")
+                assert conn.reason == "replicas_behind"
+    finally:
+        healthy_cluster.resume(2)
+    assert "no_replica_caught_up database=ci need=" in caplog.text

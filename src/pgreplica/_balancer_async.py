@@ -45,6 +45,7 @@ from pgreplica.balancer import (
     function_volatility,
     is_connection_error,
     log_fallback,
+    log_no_replica_caught_up,
     query_text,
     refused_classification,
     store_operators,
@@ -491,6 +492,8 @@ class AsyncLoadBalancer(BalancerBase):
             reason = "position_unprovable"
         else:
             reason = "replicas_behind" if route.read_set else "no_healthy_replica"
+        if need:
+            log_no_replica_caught_up(route, need)
         return route.primary, await self._primary_for_read(route, reason), reason
 
     async def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:

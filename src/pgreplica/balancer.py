@@ -28,7 +28,7 @@ from pgreplica.config import DatabaseConfig, Dsn, Settings, parse_rollout
 from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
 from pgreplica.health import Backoff, Host, HostStatus, Prober
-from pgreplica.lsn import CausalToken, parse_lsn, split_origin
+from pgreplica.lsn import CausalToken, format_lsn, parse_lsn, split_origin
 from pgreplica.observe import WATCH, Fallback, notify
 from pgreplica.sql import PRIMARY, Catalog, Classification, OperatorRow, RelationRow
 
@@ -744,6 +744,17 @@ def log_fallback(host: Host, exc: BaseException, reason: str) -> None:
         type(exc).__name__,
         reason,
     )
+
+
+def log_no_replica_caught_up(route: DatabaseRoute, need: int) -> None:
+    """DEBUG ``no_replica_caught_up``: a read with a token went to the primary."""
+    if routing_logger.isEnabledFor(logging.DEBUG):
+        routing_logger.debug(
+            "no_replica_caught_up database=%s need=%s replicas=%d",
+            route.name,
+            format_lsn(need) if need != UNKNOWN_POSITION else "unknown",
+            len(route.read_set),
+        )
 
 
 def log_routed(host: Host, reason: str, database: str) -> None:

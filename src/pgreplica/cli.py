@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -35,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="pgreplica TOML file (default: $PGREPLICA_CONFIG or the environment)"
     )
     status.add_argument("--database", help="only the hosts of this database")
+    status.add_argument("--json", action="store_true", help="one JSON object per host")
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="SECONDS",
+        help="redraw the table every SECONDS (1) until interrupted",
+    )
+    status.add_argument("--count", type=int, help=argparse.SUPPRESS)  # --watch rounds (tests)
     status.set_defaults(handler=_status_main)
     demo = commands.add_parser(
         "demo", help="read-your-writes under injected lag and a replica failure"
@@ -230,15 +241,52 @@ if __name__ == "__main__":
 
 
 def _status_main(args: argparse.Namespace) -> int:
-    """Probe every configured host once and print a table; exit 1 if a host is down."""
+    """Probe every configured host and print a table (or JSON); with ``--watch``, keep
+    redrawing it from the running prober. Exit 1 if a host is down."""
+    import time
+
     from pgreplica._balancer_sync import LoadBalancer
 
     lb = LoadBalancer.from_config(args.config)
+    rounds = 0
     try:
         lb.open()
-        rows = [s for s in lb.status() if args.database is None or args.database in s.databases]
+        while True:
+            rows = [s for s in lb.status() if args.database is None or args.database in s.databases]
+            if args.watch is not None and not args.json:
+                print("\033[H\033[2J", end="")  # clear the terminal
+                print(time.strftime("%Y-%m-%d %H:%M:%S"))
+            _print_hosts(rows, as_json=args.json)
+            rounds += 1
+            if args.watch is None or (args.count is not None and rounds >= args.count):
+                break
+            time.sleep(args.watch)
     finally:
         lb.close()
+    return 1 if any(s.state == "down" for s in rows) else 0
+
+
+def _print_hosts(rows: list[Any], *, as_json: bool) -> None:
+    if as_json:
+        import json
+
+        for s in rows:
+            print(
+                json.dumps(
+                    {
+                        "host": s.host,
+                        "databases": list(s.databases),
+                        "role": s.role,
+                        "state": s.state,
+                        "replay_lsn": s.replay_lsn,
+                        "lag_bytes": s.lag_bytes,
+                        "lag_seconds": s.lag_seconds,
+                        "last_error": s.last_error,
+                    }
+                ),
+                flush=True,
+            )
+        return
     header = ("HOST", "DATABASES", "ROLE", "STATE", "REPLAY LSN", "LAG BYTES", "LAG SECONDS")
     table = [header]
     for s in rows:
@@ -259,4 +307,3 @@ def _status_main(args: argparse.Namespace) -> int:
     for s in rows:
         if s.last_error:
             print(f"{s.host}: {s.last_error}")
-    return 1 if any(s.state == "down" for s in rows) else 0

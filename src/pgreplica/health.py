@@ -200,7 +200,7 @@ class Host:
             if self.on_up is not None:
                 self.on_up(self)
         if promoted and not self.configured_primary:
-            logger.warning("host_promoted host=%s: out of the read set", self.label)
+            logger.warning("replica_promoted host=%s: out of the read set", self.label)
 
     def record_failure(
         self, error_class: str, reason: str, *, rand: float | None = None, probe: bool = True
