@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["asgi_app", "enable", "wsgi_app"]
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # a registry may collect while enable() registers
 _STATE: dict[str, Any] = {}
 _BALANCERS: weakref.WeakSet[BalancerBase] = weakref.WeakSet()
 
@@ -58,6 +58,64 @@ def _prometheus() -> Any:
     return prometheus_client
 
 
+class _Shard:
+    """One thread's counts: written by that thread only, summed at scrape time (a
+    prometheus_client counter takes a lock per increment; this takes none)."""
+
+    __slots__ = ("checks", "fallbacks", "jobs", "seconds", "statements")
+
+    def __init__(self) -> None:
+        self.statements: dict[tuple[str, str, str], int] = {}
+        self.seconds: dict[tuple[str, str], float] = {}
+        self.checks: dict[tuple[str, str], int] = {}
+        self.fallbacks: dict[tuple[str, str], int] = {}
+        self.jobs: dict[tuple[str, str], int] = {}
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.shard = _Shard()
+        with _LOCK:
+            _SHARDS.append(self.shard)
+
+
+_SHARDS: list[_Shard] = []
+_LOCAL = _Local()
+#: name, help, label names, the shard attribute, counter or not
+_COUNTERS = (
+    (
+        "pgreplica_statements",
+        "Routed statements (a write unit counts as one).",
+        ["db_config_name", "role", "reason"],
+        "statements",
+    ),
+    (
+        "pgreplica_statement_seconds",
+        "Time spent in routed statements.",
+        ["db_config_name", "role"],
+        "seconds",
+    ),
+    (
+        "pgreplica_caught_up_checks",
+        "Replica reads whose token was proven by the prober's cache or a query.",
+        ["db_config_name", "source"],
+        "checks",
+    ),
+    (
+        "pgreplica_fallbacks",
+        "Reads moved off a host that failed them.",
+        ["host", "reason"],
+        "fallbacks",
+    ),
+    (
+        "pgreplica_job_outcomes",
+        "Where jobs ran (replica, primary, retry, ...).",
+        ["job", "outcome"],
+        "jobs",
+    ),
+)
+
+
 def enable(lb: BalancerBase | None = None, *, registry: Any = None) -> None:
     """Count routed work in ``registry`` (default: prometheus_client's), and report
     ``lb``'s hosts at each scrape. Idempotent; the first call picks the registry."""
@@ -65,38 +123,8 @@ def enable(lb: BalancerBase | None = None, *, registry: Any = None) -> None:
     with _LOCK:
         if not _STATE:
             registry = registry if registry is not None else prom.REGISTRY
-            counter = prom.Counter
             _STATE["registry"] = registry
-            _STATE["statements"] = counter(
-                "pgreplica_statements",
-                "Routed statements (a write unit counts as one).",
-                ["db_config_name", "role", "reason"],
-                registry=registry,
-            )
-            _STATE["seconds"] = counter(
-                "pgreplica_statement_seconds",
-                "Time spent in routed statements.",
-                ["db_config_name", "role"],
-                registry=registry,
-            )
-            _STATE["checks"] = counter(
-                "pgreplica_caught_up_checks",
-                "Replica reads whose token was proven by the prober's cache or a query.",
-                ["db_config_name", "source"],
-                registry=registry,
-            )
-            _STATE["fallbacks"] = counter(
-                "pgreplica_fallbacks",
-                "Reads moved off a host that failed them.",
-                ["host", "reason"],
-                registry=registry,
-            )
-            _STATE["jobs"] = counter(
-                "pgreplica_job_outcomes",
-                "Where jobs ran (replica, primary, retry, ...).",
-                ["job", "outcome"],
-                registry=registry,
-            )
+            registry.register(_CountCollector())
             registry.register(_HostCollector(prom))
             add_sink(_sink)
         if lb is not None:
@@ -104,22 +132,54 @@ def enable(lb: BalancerBase | None = None, *, registry: Any = None) -> None:
 
 
 def _sink(event: Observed) -> None:
+    shard = _LOCAL.shard
     if isinstance(event, Event):
+        name = event.db_config_name
         role = "primary" if event.primary else "replica"
-        _STATE["statements"].labels(event.db_config_name, role, event.reason).inc()
-        _STATE["seconds"].labels(event.db_config_name, role).inc(event.seconds)
-        if not event.primary and event.reason in WAL_CHECKED:
-            _STATE["checks"].labels(event.db_config_name, "query").inc()
-        elif not event.primary and event.reason == "replica":
-            _STATE["checks"].labels(event.db_config_name, "cache").inc()
+        key = (name, role, event.reason)
+        shard.statements[key] = shard.statements.get(key, 0) + 1
+        pair = (name, role)
+        shard.seconds[pair] = shard.seconds.get(pair, 0.0) + event.seconds
+        if not event.primary:
+            source = "query" if event.reason in WAL_CHECKED else "cache"
+            if source == "query" or event.reason == "replica":
+                check = (name, source)
+                shard.checks[check] = shard.checks.get(check, 0) + 1
     elif isinstance(event, Fallback):
-        _STATE["fallbacks"].labels(event.host, event.reason).inc()
+        key2 = (event.host, event.reason)
+        shard.fallbacks[key2] = shard.fallbacks.get(key2, 0) + 1
     elif isinstance(event, JobOutcome):
-        _STATE["jobs"].labels(event.job, event.outcome).inc()
+        key2 = (event.job, event.outcome)
+        shard.jobs[key2] = shard.jobs.get(key2, 0) + 1
+
+
+class _CountCollector:
+    """The counters, summed over every thread's shard at scrape time."""
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to collect at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        with _LOCK:
+            shards = list(_SHARDS)
+        for name, help_text, labels, attribute in _COUNTERS:
+            totals: dict[tuple[str, ...], float] = {}
+            for shard in shards:
+                for key, value in dict(getattr(shard, attribute)).items():  # an atomic copy
+                    totals[key] = totals.get(key, 0) + value
+            family = CounterMetricFamily(name, help_text, labels=labels)
+            for key, value in sorted(totals.items()):
+                family.add_metric(list(key), value)
+            yield family
 
 
 class _HostCollector:
     """Per-host gauges of every enabled balancer, computed at scrape time."""
+
+    def describe(self) -> list[Any]:
+        return []
 
     def __init__(self, prom: Any) -> None:
         from prometheus_client.core import GaugeMetricFamily

@@ -30,14 +30,13 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 __all__ = ["Event", "Fallback", "JobOutcome", "add_sink", "current_usage", "remove_sink", "usage"]
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
     """One routed statement (a write unit counts as one)."""
 
     database: str
@@ -49,16 +48,14 @@ class Event:
     host: str
 
 
-@dataclass(frozen=True)
-class Fallback:
+class Fallback(NamedTuple):
     """A read moved off a host that failed it (``db_routing_fallback``)."""
 
     host: str
     reason: str
 
 
-@dataclass(frozen=True)
-class JobOutcome:
+class JobOutcome(NamedTuple):
     """Where a job ran (``job_data_consistency``)."""
 
     job: str
