@@ -5,7 +5,10 @@ test did, and OpenTelemetry span attributes."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -195,3 +198,28 @@ def test_a_read_no_replica_can_take_is_logged_by_name(
     finally:
         healthy_cluster.resume(2)
     assert "no_replica_caught_up database=ci need=" in caplog.text
+
+
+def test_the_metrics_setting_reports_on_the_default_registry(
+    healthy_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """What a user does: ``metrics = true`` in the configuration, prometheus_client's
+    own registry, a scrape (a fresh process: the registry is process-wide)."""
+    pytest.importorskip("prometheus_client")
+    config = healthy_cluster.write_config(tmp_path / "pgreplica.toml")
+    config.write_text("metrics = true\n" + config.read_text())  # a top-level setting
+    script = (
+        "import prometheus_client, pgreplica\n"
+        f"lb = pgreplica.LoadBalancer.from_config({str(config)!r})\n"
+        "with lb:\n"
+        "    for _ in range(3):\n"
+        "        with lb.read() as conn:\n"
+        "            conn.execute('SELECT 1')\n"
+        "    print(prometheus_client.generate_latest().decode())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'pgreplica_statements_total{db_config_name="main_replica"' in done.stdout
+    assert "pgreplica_host_online{" in done.stdout
