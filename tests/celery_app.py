@@ -94,7 +94,7 @@ def _record_outer_state(task_id: str | None = None, **_: Any) -> None:
     _outer[str(task_id)] = {"token": str(state.token), "use_primary": state.use_primary}
 
 
-installation = install(app, get_lb)
+installation = install(app, get_lb, usage_log=True)
 
 
 def _observe(key: str) -> dict[str, Any]:

@@ -100,3 +100,17 @@ def routing_database(cluster: LocalCluster) -> Database:
         cluster.execute(0, "CREATE DATABASE routing_catalog")
     cluster.wait_replayed()
     return Database(cluster, "routing_catalog")
+
+
+def two_databases(
+    cluster: LocalCluster, *, ci: dict[str, object] | None = None, **options: object
+) -> dict[str, object]:
+    """GitLab's shape: ``main`` reads replica 1; ``ci`` reuses main's primary and reads
+    replica 2 (``ci`` adds settings of its own, e.g. a rollout)."""
+    return {
+        "databases": {
+            "main": {"primary": cluster.dsn(0), "replicas": [cluster.dsn(1)]},
+            "ci": {"primary": "main", "replicas": [cluster.dsn(2)], **(ci or {})},
+        },
+        **options,
+    }

@@ -301,6 +301,15 @@ def test_without_lag_sticky_and_delayed_jobs_run_on_replicas(
         assert len(on_replicas) >= 0.9 * len(rows), (name, rows[:3], threads_worker.tail())
         assert all(r["retries"] == 0 for r in rows)
     print("no lag:", {name: summarize(rows, primary_port) for name, rows in by_task.items()})
+    # each task's database usage, logged by the worker (install(usage_log=True))
+    usage = re.findall(
+        r"job_db_usage task=celery_app\.read_sticky db_count=(\d+) db_primary_count=(\d+)"
+        r" db_replica_count=(\d+)",
+        threads_worker.text(),
+    )
+    assert len(usage) >= 20, threads_worker.tail()
+    assert all(int(count) >= 1 for count, _, _ in usage)
+    assert sum(int(replica) for _, _, replica in usage) >= 18  # as the outcomes above
 
 
 # --------------------------------------------------------------------------- controls

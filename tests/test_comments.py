@@ -10,25 +10,19 @@ import pytest
 from psycopg import sql
 
 import pgreplica
+from conftest import two_databases
 from pgreplica.comments import comment_for, with_comment
 from pgreplica.testing import LocalCluster
 
 OWN_QUERY = "SELECT query FROM pg_stat_activity WHERE pid = pg_backend_pid()"
 
 
-def config(cluster: LocalCluster, **options: object) -> dict[str, object]:
-    return {
-        "databases": {
-            "main": {"primary": cluster.dsn(0), "replicas": [cluster.dsn(1)]},
-            "ci": {"primary": "main", "replicas": [cluster.dsn(2)]},
-        },
-        **options,
-    }
-
-
 @pytest.fixture
 def lb(healthy_cluster: LocalCluster) -> Iterator[pgreplica.LoadBalancer]:
-    with pgreplica.LoadBalancer(config=config(healthy_cluster)) as balancer, balancer.isolated():
+    with (
+        pgreplica.LoadBalancer(config=two_databases(healthy_cluster)) as balancer,
+        balancer.isolated(),
+    ):
         yield balancer
 
 
@@ -93,7 +87,7 @@ def test_a_tag_cannot_close_the_comment(lb: pgreplica.LoadBalancer, hostile: str
 
 
 def test_comments_can_be_turned_off(healthy_cluster: LocalCluster) -> None:
-    with pgreplica.LoadBalancer(config=config(healthy_cluster, sql_comments=False)) as lb:
+    with pgreplica.LoadBalancer(config=two_databases(healthy_cluster, sql_comments=False)) as lb:
         with pgreplica.tags(application="web"), lb.read() as conn:
             assert received(conn) == OWN_QUERY
         with lb.connection() as rc:

@@ -11,21 +11,16 @@ from collections.abc import Iterator
 import pytest
 
 import pgreplica
+from conftest import two_databases
 from pgreplica import ConfigError, Settings
 from pgreplica.testing import LocalCluster
 
 
-def two_databases(cluster: LocalCluster, **ci: object) -> dict[str, object]:
-    """main reads replica 1; ci reuses main's primary and reads replica 2."""
-    return {
-        "databases": {
-            "main": {"primary": cluster.dsn(0), "replicas": [cluster.dsn(1)]},
-            "ci": {"primary": "main", "replicas": [cluster.dsn(2)], **ci},
-        },
-        "pool_min_size": 2,
-        "pool_max_size": 2,
-        "application_name": "pgreplica-multi",
-    }
+def multi(cluster: LocalCluster) -> dict[str, object]:
+    """Two databases, pools of two connections, an application name to count them by."""
+    return two_databases(
+        cluster, pool_min_size=2, pool_max_size=2, application_name="pgreplica-multi"
+    )
 
 
 @pytest.fixture
@@ -35,7 +30,7 @@ def lb(healthy_cluster: LocalCluster) -> Iterator[pgreplica.LoadBalancer]:
         "CREATE TABLE IF NOT EXISTS md_main (v text); CREATE TABLE IF NOT EXISTS md_ci (v text)",
     )
     healthy_cluster.wait_replayed()
-    config = two_databases(healthy_cluster)
+    config = multi(healthy_cluster)
     with pgreplica.LoadBalancer(config=config) as balancer, balancer.isolated():
         yield balancer
 
@@ -239,7 +234,7 @@ def test_connections_per_primary_are_one_pool_with_a_second_client(
 ) -> None:
     """The same DSN in two databases without ``primary = "main"`` is still one host and
     one pool (hosts are keyed by connection string)."""
-    config = two_databases(healthy_cluster)
+    config = multi(healthy_cluster)
     config["databases"]["ci"]["primary"] = healthy_cluster.dsn(0)  # type: ignore[index]
     with pgreplica.LoadBalancer(config=config) as balancer:
         for database in ("main", "ci"):

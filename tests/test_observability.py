@@ -13,18 +13,9 @@ from pathlib import Path
 import pytest
 
 import pgreplica
+from conftest import two_databases
 from pgreplica import jobs, metrics, observe
 from pgreplica.testing import LocalCluster
-
-
-def two_databases(cluster: LocalCluster, **options: object) -> dict[str, object]:
-    return {
-        "databases": {
-            "main": {"primary": cluster.dsn(0), "replicas": [cluster.dsn(1)]},
-            "ci": {"primary": "main", "replicas": [cluster.dsn(2)]},
-        },
-        **options,
-    }
 
 
 @pytest.fixture

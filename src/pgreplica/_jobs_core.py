@@ -19,6 +19,7 @@ from typing import TypeAlias, cast
 import psycopg
 
 from pgreplica._fork import ForkSafeLock
+from pgreplica._scope import EitherWith
 from pgreplica.balancer import CHECKOUT_ERRORS, UNKNOWN_POSITION, DatabaseRoute, Router
 from pgreplica.context import RouteState, Scope
 from pgreplica.errors import ConfigError, PgReplicaError, TokenError
@@ -214,7 +215,7 @@ def current_decision() -> Decision | None:
     return _DECISION.get()
 
 
-class JobScope:
+class JobScope(EitherWith[RouteState]):
     """Routing state of a job body: a fresh state (nothing inherited from the previous
     job on this thread), the job's token adopted, and the primary pinned unless a
     replica was caught up. Exit restores the state of before, whatever the body left.
@@ -249,17 +250,6 @@ class JobScope:
         except ValueError:  # exited from another context than it was entered in
             _DECISION.set(None)
         scope.__exit__(exc_type, exc, tb)
-
-    async def __aenter__(self) -> RouteState:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,6 +26,8 @@ from urllib.parse import quote
 
 from psycopg import sql
 
+from pgreplica._scope import EitherWith
+
 __all__ = ["comment_for", "current_tags", "tags", "with_comment"]
 
 _KEY = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
@@ -41,7 +43,7 @@ _MAX_VALUE = 256
 current_tags = _TAGS.get
 
 
-class tags:
+class tags(EitherWith[None]):
     """Tags added to the SQL comment of every routed statement in this context (a
     thread, an asyncio task), merged with the outer ones; ``with`` or ``async with``.
     Keys are identifiers (``[A-Za-z_][A-Za-z0-9_]*``); values are text, at most 256
@@ -72,17 +74,6 @@ class tags:
         tb: TracebackType | None,
     ) -> None:
         _TAGS.reset(self._saved.pop())
-
-    async def __aenter__(self) -> None:
-        self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 def comment_for(config_name: str) -> str:

@@ -14,6 +14,7 @@ import time
 from contextvars import ContextVar
 from types import TracebackType
 
+from pgreplica._scope import EitherWith
 from pgreplica.lsn import EMPTY_TOKEN, CausalToken
 
 __all__ = ["RouteState", "Scope", "current_state", "record_write"]
@@ -101,7 +102,7 @@ def note_read(state: RouteState, database: str, host: object) -> None:
         )
 
 
-class Scope:
+class Scope(EitherWith[RouteState]):
     """A context manager (``with`` or ``async with``) that changes routing state."""
 
     __slots__ = ("_adopt", "_isolate", "_read_only", "_saved", "_use_primary")
@@ -157,17 +158,6 @@ class Scope:
                 max(saved.grown_at, inner.grown_at),
             )
         )
-
-    async def __aenter__(self) -> RouteState:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 def isolated() -> Scope:

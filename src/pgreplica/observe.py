@@ -33,6 +33,8 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import NamedTuple
 
+from pgreplica._scope import EitherWith
+
 __all__ = ["Event", "Fallback", "JobOutcome", "add_sink", "current_usage", "remove_sink", "usage"]
 
 
@@ -156,7 +158,7 @@ class Usage:
         return result
 
 
-class usage:
+class usage(EitherWith[Usage]):
     """Count the routed statements of this context (and of tasks it starts) until the
     block ends; ``with`` or ``async with``; yields the :class:`Usage`."""
 
@@ -184,14 +186,3 @@ class usage:
             WATCH.update()
         if self._token is not None:
             _USAGE.reset(self._token)
-
-    async def __aenter__(self) -> Usage:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)

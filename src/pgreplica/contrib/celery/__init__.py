@@ -280,9 +280,11 @@ class Installation:
             used.__exit__(None, None, None)
             summary = used.used.summary()
             logger.info(
-                "job_db_usage task=%s db_count=%d",
+                "job_db_usage task=%s db_count=%d db_primary_count=%d db_replica_count=%d",
                 job,
                 summary.get("db_count", 0),
+                summary.get("db_primary_count", 0),
+                summary.get("db_replica_count", 0),
                 extra={"db_usage": summary},
             )
 

@@ -121,10 +121,12 @@ def _log_usage(request: Any, used: observe.Usage) -> None:
     durations per role and db_config_name, as fields of one INFO record."""
     summary = used.summary()
     logger.info(
-        "db_usage method=%s path=%s db_count=%d",
+        "db_usage method=%s path=%s db_count=%d db_primary_count=%d db_replica_count=%d",
         request.method,
         request.path,
         summary.get("db_count", 0),
+        summary.get("db_primary_count", 0),
+        summary.get("db_replica_count", 0),
         extra={"db_usage": summary},
     )
 
