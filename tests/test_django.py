@@ -508,3 +508,55 @@ def test_a_request_logs_its_database_usage(client: Any, caplog: pytest.LogCaptur
     assert write["db_primary_default_count"] >= 1 and write["db_write_count"] >= 1
     assert "db_replica_count" not in write
     assert "path=/api/signatures/" in records[0].getMessage()
+
+
+def test_models_mapped_to_a_logical_database_read_its_replicas_behind_a_rollout(
+    project: None, healthy_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GitLab's CI split in Django: Signature belongs to ``ci``, which shares the primary
+    alias and reads read_replica_2; the other models read read_replica. At rollout 0 the
+    ci model reads main's replica; at 100 its own; about half at 50."""
+    from collections import Counter
+
+    from django.conf import settings
+    from django.test import Client, override_settings
+
+    from pgreplica.contrib.django import integration, reset_integration
+    from pgreplica.contrib.django.testing import served_by
+
+    def options(rollout: float) -> dict[str, Any]:
+        logical = {"ci": {"MODELS": ["perf.Signature"], "REPLICAS": ["read_replica_2"]}}
+        logical["ci"]["ROLLOUT"] = rollout  # type: ignore[assignment]
+        return {**(getattr(settings, "PGREPLICA", {}) or {}), "DATABASES": logical}
+
+    def aliases(url: str, requests: int) -> Counter[str]:
+        seen_all: Counter[str] = Counter()
+        for _ in range(requests):
+            with served_by() as seen:
+                assert Client().get(url).status_code == 200
+            seen_all.update(seen)
+        return seen_all
+
+    try:
+        for rollout, expected in ((0, "read_replica"), (100, "read_replica_2")):
+            reset_integration()
+            with override_settings(PGREPLICA=options(rollout)):
+                integ = integration()
+                assert integ.route_of_alias["read_replica_2"].name == "ci"
+                signatures = aliases("/api/signatures/", 6)
+                assert set(signatures) == {expected}, (rollout, signatures)
+                others = aliases("/api/datapoints/", 3)  # not mapped: main's replica
+                assert set(others) == {"read_replica"}, others
+        reset_integration()
+        with override_settings(PGREPLICA=options(50)):
+            integration()
+            mixed = aliases("/api/signatures/", 40)
+            assert mixed["read_replica"] > 0 and mixed["read_replica_2"] > 0, mixed
+        # a bad mapping names the entry
+        reset_integration()
+        bad = options(100)
+        bad["DATABASES"]["ci"]["REPLICAS"] = ["no_such_alias"]
+        with override_settings(PGREPLICA=bad), pytest.raises(Exception, match="no_such_alias"):
+            integration()
+    finally:
+        reset_integration()

@@ -50,9 +50,14 @@ class ReadReplicaRouter:
 
         if connections[lb.primary_alias].in_atomic_block:
             return lb.primary_alias
-        if state.alias is None:
-            state.alias = choose_replica(lb)
-        return state.alias or lb.primary_alias
+        database = lb.database_of(model) if lb.logical else lb.primary_alias
+        if database == lb.primary_alias:
+            if state.alias is None:
+                state.alias = choose_replica(lb)
+            return state.alias or lb.primary_alias
+        if database not in state.aliases:
+            state.aliases[database] = choose_replica(lb, database)
+        return state.aliases[database] or lb.primary_alias
 
     # The methods below only need alias names: they never build the integration (and
     # so never start its prober), e.g. while Django creates a test database.
@@ -74,25 +79,37 @@ class ReadReplicaRouter:
         return None
 
 
-def choose_replica(lb: Any) -> str | None:
-    """The alias of a replica that has replayed the context's token, or None."""
+def choose_replica(lb: Any, database: str | None = None) -> str | None:
+    """The alias of a replica that has replayed the context's token, or None. For a
+    logical database of ``PGREPLICA["DATABASES"]``, among the replicas its rollout
+    gives this request (drawn once per request)."""
     router = lb.lb._router
-    route = lb.route
+    route = lb.route if database is None else router.route(database)
+    read_route = route
+    if route.rollout_from is not None:
+        request = REQUEST.get()
+        if request is None:
+            read_route = router.read_route(route)
+        else:
+            if route.name not in request.read_routes:
+                request.read_routes[route.name] = router.read_route(route)
+            read_route = request.read_routes[route.name]
     state = current_state()
     need = router.required(route, state.token, state.grown_at)
     if need == UNKNOWN_POSITION:
         return None  # no replica can prove it: the primary serves it
-    candidates = router.caught_up(route, need, None)
+    candidates = router.caught_up(read_route, need, None)
     if candidates:
         host = candidates[router.next_index(len(candidates))]
         return str(lb.alias_of[host])
-    if lb.mirror_aliases:
-        return str(lb.mirror_aliases[router.next_index(len(lb.mirror_aliases))])
+    mirrors = lb.mirrors_of.get(read_route.name, ())
+    if mirrors:
+        return str(mirrors[router.next_index(len(mirrors))])
     if not need:
         return None
     from django.db import connections
 
-    for host in router.behind(route, need, set()):
+    for host in router.behind(read_route, need, set()):
         alias = lb.alias_of[host]
         try:
             with connections[alias].cursor() as cursor:

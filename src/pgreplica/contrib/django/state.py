@@ -18,8 +18,11 @@ from typing import Any
 
 from pgreplica._balancer_sync import LoadBalancer
 from pgreplica._fork import ForkSafeLock
+from pgreplica.balancer import DatabaseRoute
 from pgreplica.comments import comment_for, with_comment
+from pgreplica.config import parse_rollout
 from pgreplica.contrib.django.settings import REPLICA_ALIAS, conninfo
+from pgreplica.errors import ConfigError
 from pgreplica.health import Host
 from pgreplica.observe import WATCH, Event, record
 from pgreplica.sql import classify
@@ -44,6 +47,10 @@ class RequestState:
     request must not see older data (monotonic reads)."""
     served: set[str] = field(default_factory=set)
     """Aliases that ran a query during the request."""
+    aliases: dict[str, str | None] = field(default_factory=dict)
+    """The replica alias pinned per other logical database (``PGREPLICA["DATABASES"]``)."""
+    read_routes: dict[str, Any] = field(default_factory=dict)
+    """Per logical database, whose replicas this request reads (a rollout draws once)."""
 
 
 REQUEST: ContextVar[RequestState | None] = ContextVar("pgreplica_django_request", default=None)
@@ -54,17 +61,43 @@ class Integration:
 
     def __init__(self, databases: dict[str, dict[str, Any]], options: dict[str, Any]) -> None:
         self.primary_alias: str = options.get("PRIMARY_ALIAS", "default")
+        self.logical = logical_databases(options, databases)
+        claimed = {a for db in self.logical.values() for a in db.aliases}
         self.replica_aliases = [
             a for a in databases if a == REPLICA_ALIAS or a.startswith(REPLICA_ALIAS + "_")
         ]
+        self.replica_aliases += [a for a in sorted(claimed) if a not in self.replica_aliases]
         primary = conninfo(databases[self.primary_alias])
         # In Django's test database a replica alias mirrors the primary (TEST MIRROR):
         # it is the primary itself, so it is always caught up and never probed.
-        self.mirror_aliases = [a for a in self.replica_aliases if conninfo(databases[a]) == primary]
-        probed = [a for a in self.replica_aliases if a not in self.mirror_aliases]
-        replicas = [conninfo(databases[a]) for a in probed]
+        self.mirror_aliases = [
+            a
+            for a in self.replica_aliases
+            if a not in claimed and conninfo(databases[a]) == primary
+        ]
+        self.mirrors_of: dict[str, list[str]] = {self.primary_alias: self.mirror_aliases}
+        probed_of: dict[str, list[str]] = {
+            self.primary_alias: [
+                a for a in self.replica_aliases if a not in claimed and a not in self.mirror_aliases
+            ]
+        }
+        config_databases: dict[str, Any] = {
+            self.primary_alias: {
+                "primary": primary,
+                "replicas": [conninfo(databases[a]) for a in probed_of[self.primary_alias]],
+            }
+        }
+        for db in self.logical.values():
+            mirrors = [a for a in db.aliases if conninfo(databases[a]) == primary]
+            self.mirrors_of[db.name] = mirrors
+            probed_of[db.name] = [a for a in db.aliases if a not in mirrors]
+            config_databases[db.name] = {
+                "primary": self.primary_alias,  # one primary, one pool: Django writes there
+                "replicas": [conninfo(databases[a]) for a in probed_of[db.name]],
+                "rollout": db.rollout,
+            }
         config = {
-            "databases": {self.primary_alias: {"primary": primary, "replicas": replicas}},
+            "databases": config_databases,
             "pool_min_size": 0,
             **{k.lower(): v for k, v in (options.get("SETTINGS") or {}).items()},
         }
@@ -72,12 +105,31 @@ class Integration:
         route = self.lb._router.route(self.primary_alias)
         self.route = route
         # With the kill switch on, the balancer has no replica host: no alias maps.
-        self.alias_of: dict[Host, str] = (
-            dict(zip(route.replicas, probed, strict=True)) if route.replicas else {}
-        )
+        self.alias_of: dict[Host, str] = {}
+        self.route_of_alias: dict[str, DatabaseRoute] = {self.primary_alias: route}
+        for name, probed in probed_of.items():
+            logical_route = self.lb._router.route(name)
+            if logical_route.replicas:
+                self.alias_of.update(zip(logical_route.replicas, probed, strict=True))
+            for alias in (*probed, *self.mirrors_of[name]):
+                self.route_of_alias[alias] = logical_route
         self.host_of: dict[str, Host] = {a: h for h, a in self.alias_of.items()}
-        if replicas and self.lb.settings.enabled:
+        self.database_of_model: dict[str, str] = {}
+        self.database_of_app: dict[str, str] = {}
+        for db in self.logical.values():
+            self.database_of_model.update(dict.fromkeys(db.models, db.name))
+            self.database_of_app.update(dict.fromkeys(db.apps, db.name))
+        if self.alias_of and self.lb.settings.enabled:
             self.lb.open(wait=True)
+
+    def database_of(self, model: Any) -> str:
+        """The logical database a model's reads belong to (``PGREPLICA["DATABASES"]``
+        by model label, then by app label; else the primary alias's)."""
+        meta = model._meta
+        name = self.database_of_model.get(meta.label_lower)
+        if name is None:
+            name = self.database_of_app.get(meta.app_label, self.primary_alias)
+        return name
 
     def close(self) -> None:
         self.lb.close()
@@ -91,7 +143,55 @@ def configured_aliases() -> tuple[str, list[str]]:
     aliases = [
         a for a in settings.DATABASES if a == REPLICA_ALIAS or a.startswith(REPLICA_ALIAS + "_")
     ]
+    for entry in (options.get("DATABASES") or {}).values():
+        if isinstance(entry, dict):
+            aliases += [a for a in entry.get("REPLICAS") or () if a not in aliases]
     return options.get("PRIMARY_ALIAS", "default"), aliases
+
+
+@dataclass(frozen=True)
+class LogicalDatabase:
+    """One entry of ``PGREPLICA["DATABASES"]``: a logical database that shares the
+    primary alias and reads its own replica aliases."""
+
+    name: str
+    apps: frozenset[str]
+    models: frozenset[str]
+    aliases: tuple[str, ...]
+    rollout: float | None
+
+
+def logical_databases(
+    options: dict[str, Any], databases: dict[str, dict[str, Any]]
+) -> dict[str, LogicalDatabase]:
+    """``PGREPLICA["DATABASES"] = {"ci": {"APPS": [...], "MODELS": ["app.Model"],
+    "REPLICAS": ["ci_replica"], "ROLLOUT": 50}}``, validated (names the bad entry)."""
+    raw = options.get("DATABASES") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError('PGREPLICA["DATABASES"]', "expected a dict of logical databases")
+    result: dict[str, LogicalDatabase] = {}
+    for name, entry in raw.items():
+        where = f'PGREPLICA["DATABASES"][{name!r}]'
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "expected a dict with APPS, MODELS, REPLICAS, ROLLOUT")
+        unknown = set(entry) - {"APPS", "MODELS", "REPLICAS", "ROLLOUT"}
+        if unknown:
+            raise ConfigError(f"{where}[{sorted(unknown)[0]!r}]", "unknown key")
+        if name == options.get("PRIMARY_ALIAS", "default"):
+            raise ConfigError(where, "the primary alias's database is not configured here")
+        aliases = tuple(entry.get("REPLICAS") or ())
+        for alias in aliases:
+            if alias not in databases:
+                raise ConfigError(f"{where}['REPLICAS']", f"no DATABASES alias {alias!r}")
+        models = frozenset(str(m).lower() for m in entry.get("MODELS") or ())
+        result[name] = LogicalDatabase(
+            name,
+            frozenset(entry.get("APPS") or ()),
+            models,
+            aliases,
+            parse_rollout(f"{where}['ROLLOUT']", entry.get("ROLLOUT")),
+        )
+    return result
 
 
 def integration() -> Integration:
@@ -129,11 +229,11 @@ def track_queries(state: RequestState) -> Iterator[None]:
 
     lb = integration()
     primary = lb.primary_alias
-    route = lb.route
     comments = lb.lb._comments
 
     def wrapper(alias: str) -> Callable[..., Any]:
         on_primary = alias == primary
+        route = lb.route_of_alias.get(alias, lb.route)
         config_name = route.primary_config_name if on_primary else route.replica_config_name
 
         def run(

@@ -72,6 +72,7 @@ def _run_with_replica(call: Callable[[], Any], where: str) -> Any:
             )
             state.primary_only = True
             state.alias = None
+            state.aliases.clear()
             return call()
         if state.served & set(integration().replica_aliases):
             logger.debug("db_routing routed_to=%s view=%s", state.alias or "read_replica", where)
