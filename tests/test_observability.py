@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,30 @@ def test_the_metrics_setting_reports_on_the_default_registry(
     assert done.returncode == 0, done.stderr[-2000:]
     assert 'pgreplica_statements_total{db_config_name="main_replica"' in done.stdout
     assert "pgreplica_host_online{" in done.stdout
+
+
+def test_metrics_count_the_time_reads_wait_for_a_replica(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+    metrics.enable(lb, registry=prometheus_client.CollectorRegistry())
+    registry = metrics._STATE["registry"]
+    labels = {"db_config_name": "ci_replica", "caught_up": "true"}
+    name = "pgreplica_catch_up_wait_seconds_total"
+    before = registry.get_sample_value(name, labels) or 0.0
+    healthy_cluster.pause(2)
+    resume = threading.Timer(0.3, healthy_cluster.resume, args=(2,))
+    try:
+        with lb.isolated():
+            with lb.write("ci") as conn:
+                conn.execute("INSERT INTO ob_items VALUES ('wait')")
+            resume.start()  # replay resumes while the read waits
+            with lb.read("ci", max_wait=3.0) as conn:
+                conn.execute("SELECT 1")
+                assert conn.on_replica, conn.reason  # it waited, and the replica caught up
+    finally:
+        resume.cancel()
+        resume.join()
+        healthy_cluster.resume(2)  # idempotent
+    waited = (registry.get_sample_value(name, labels) or 0.0) - before
+    assert 0.1 < waited < 3.0

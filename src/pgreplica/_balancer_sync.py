@@ -48,6 +48,7 @@ from pgreplica.config import Settings
 from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, ProberThread, error_reason
 from pgreplica.lsn import parse_lsn
+from pgreplica.observe import WATCH, CatchUpWait, notify
 from pgreplica.sql import (
     MAX_VIEW_DEPTH,
     PRIMARY,
@@ -391,12 +392,15 @@ class LoadBalancer(BalancerBase):
             if candidates:
                 host = candidates[router.next_index(len(candidates))]
                 try:
-                    return host, self._checkout(host), "replica"
+                    conn = self._checkout(host)
                 except CHECKOUT_ERRORS as exc:
                     self._host_failed(host, exc)
                     log_fallback(host, exc, "connect_failed")
                     excluded.add(host)
                     continue
+                if deadline is not None and WATCH.on:
+                    _waited(route, deadline - max_wait, caught_up=True)
+                return host, conn, "replica"
             if need and max_staleness is None and need != UNKNOWN_POSITION:
                 for host in router.behind(route, need, excluded):
                     try:
@@ -407,6 +411,8 @@ class LoadBalancer(BalancerBase):
                         continue
                     try:
                         if self._replay_lsn(host, conn) >= need:
+                            if deadline is not None and WATCH.on:
+                                _waited(route, deadline - max_wait, caught_up=True)
                             return host, conn, "replica_checked"
                     except psycopg.Error as exc:
                         if is_connection_error(exc):
@@ -428,6 +434,8 @@ class LoadBalancer(BalancerBase):
             reason = "replicas_behind" if route.read_set else "no_healthy_replica"
         if need:
             log_no_replica_caught_up(route, need)
+        if deadline is not None and WATCH.on:
+            _waited(route, deadline - max_wait, caught_up=False)
         return route.primary, self._primary_for_read(route, reason), reason
 
     def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
@@ -470,3 +478,8 @@ class LoadBalancer(BalancerBase):
                 host=primary.label,
                 reason="primary_unavailable",
             ) from exc
+
+
+def _waited(route: DatabaseRoute, started: float, *, caught_up: bool) -> None:
+    """A read waited (``max_wait``) for a replica of ``route`` to catch up."""
+    notify(CatchUpWait(route.replica_config_name, time.monotonic() - started, caught_up))

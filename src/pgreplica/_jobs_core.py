@@ -321,7 +321,7 @@ def _finish(
     with _OUTCOMES_LOCK:
         _OUTCOMES[(job, outcome)] += 1
     if WATCH.on:
-        notify(JobOutcome(job, outcome))
+        notify(JobOutcome(job, outcome, waited))
     logger.info(
         "job_data_consistency task=%s consistency=%s outcome=%s attempt=%d waited_ms=%d",
         job,

@@ -13,7 +13,10 @@ Counters (``_total``):
   token was proven by the prober's cache (``source="cache"``) or by asking the replica
   (``"query"``), GitLab's ``wal_cached`` and ``wal`` counts;
 - ``pgreplica_fallbacks_total{host,reason}``: reads moved off a failing host;
-- ``pgreplica_job_outcomes_total{job,outcome}``: where jobs ran.
+- ``pgreplica_job_outcomes_total{job,outcome}``: where jobs ran;
+- ``pgreplica_job_wait_seconds_total{job}``: how long they waited for a replica;
+- ``pgreplica_catch_up_wait_seconds_total{db_config_name,caught_up}``: how long reads
+  waited (``max_wait``) for a replica to catch up, and whether one did.
 
 Gauges, read from every enabled balancer at each scrape (``host`` is the password-free
 label):
@@ -36,7 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 from pgreplica.errors import ConfigError
 from pgreplica.lsn import parse_lsn
-from pgreplica.observe import WAL_CHECKED, Event, Fallback, JobOutcome, Observed, add_sink
+from pgreplica.observe import (
+    WAL_CHECKED,
+    CatchUpWait,
+    Event,
+    Fallback,
+    JobOutcome,
+    Observed,
+    add_sink,
+)
 
 if TYPE_CHECKING:
     from pgreplica.balancer import BalancerBase
@@ -62,7 +73,7 @@ class _Shard:
     """One thread's counts: written by that thread only, summed at scrape time (a
     prometheus_client counter takes a lock per increment; this takes none)."""
 
-    __slots__ = ("checks", "fallbacks", "jobs", "seconds", "statements")
+    __slots__ = ("checks", "fallbacks", "job_waits", "jobs", "seconds", "statements", "waits")
 
     def __init__(self) -> None:
         self.statements: dict[tuple[str, str, str], int] = {}
@@ -70,6 +81,8 @@ class _Shard:
         self.checks: dict[tuple[str, str], int] = {}
         self.fallbacks: dict[tuple[str, str], int] = {}
         self.jobs: dict[tuple[str, str], int] = {}
+        self.job_waits: dict[tuple[str], float] = {}
+        self.waits: dict[tuple[str, str], float] = {}
 
 
 class _Local(threading.local):
@@ -113,6 +126,18 @@ _COUNTERS = (
         ["job", "outcome"],
         "jobs",
     ),
+    (
+        "pgreplica_job_wait_seconds",
+        "Time jobs waited for a replica to replay their token.",
+        ["job"],
+        "job_waits",
+    ),
+    (
+        "pgreplica_catch_up_wait_seconds",
+        "Time reads waited (max_wait) for a replica to catch up, by outcome.",
+        ["db_config_name", "caught_up"],
+        "waits",
+    ),
 )
 
 
@@ -151,6 +176,12 @@ def _sink(event: Observed) -> None:
     elif isinstance(event, JobOutcome):
         key2 = (event.job, event.outcome)
         shard.jobs[key2] = shard.jobs.get(key2, 0) + 1
+        if event.waited:
+            job = (event.job,)
+            shard.job_waits[job] = shard.job_waits.get(job, 0.0) + event.waited
+    elif isinstance(event, CatchUpWait):
+        wait = (event.db_config_name, "true" if event.caught_up else "false")
+        shard.waits[wait] = shard.waits.get(wait, 0.0) + event.seconds
 
 
 class _CountCollector:

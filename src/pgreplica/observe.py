@@ -35,7 +35,16 @@ from typing import NamedTuple
 
 from pgreplica._scope import EitherWith
 
-__all__ = ["Event", "Fallback", "JobOutcome", "add_sink", "current_usage", "remove_sink", "usage"]
+__all__ = [
+    "CatchUpWait",
+    "Event",
+    "Fallback",
+    "JobOutcome",
+    "add_sink",
+    "current_usage",
+    "remove_sink",
+    "usage",
+]
 
 
 class Event(NamedTuple):
@@ -58,13 +67,22 @@ class Fallback(NamedTuple):
 
 
 class JobOutcome(NamedTuple):
-    """Where a job ran (``job_data_consistency``)."""
+    """Where a job ran (``job_data_consistency``), after how long a wait."""
 
     job: str
     outcome: str
+    waited: float = 0.0
 
 
-Observed = Event | Fallback | JobOutcome
+class CatchUpWait(NamedTuple):
+    """A read waited (``max_wait``) for a replica to replay its token."""
+
+    db_config_name: str
+    seconds: float
+    caught_up: bool
+
+
+Observed = Event | Fallback | JobOutcome | CatchUpWait
 
 
 class _Watch:
