@@ -86,6 +86,8 @@ def test_metrics_count_what_was_done(
         reason="read_only_retry",
     )
     before_jobs = value("pgreplica_job_outcomes_total", job="metrics-job", outcome="primary_no_wal")
+    units = {"db_config_name": "ci_replica", "role": "replica", "reason": "replica"}
+    before_units = value("pgreplica_units_total", **units)
     with lb.isolated():
         for _ in range(7):
             with lb.read("ci") as conn:
@@ -100,6 +102,7 @@ def test_metrics_count_what_was_done(
         "pgreplica_statements_total", db_config_name="ci_replica", role="replica", reason="replica"
     )
     assert after - before == 7
+    assert value("pgreplica_units_total", **units) - before_units == 7
     assert (
         value("pgreplica_statements_total", db_config_name="main", role="primary", reason="write")
         - before_write

@@ -36,7 +36,7 @@ from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.errors import PgReplicaError, PrimaryUnavailable, RoutingError
 from pgreplica.health import Host, error_reason
-from pgreplica.observe import WATCH, Event, record
+from pgreplica.observe import WATCH, Event, UnitDone, notify, record
 
 if TYPE_CHECKING:
     from pgreplica._balancer_async import AsyncLoadBalancer
@@ -136,6 +136,8 @@ class _AsyncReadUnit:
         if exc is not None and is_connection_error(exc):
             self._lb._host_failed(host, exc)
         await self._lb._checkin(host, self._conn)
+        if WATCH.on:
+            notify(UnitDone(self.db_config_name, host is self._route.primary, self.reason))
 
     async def before(self, query: Any) -> AConn:
         """The connection for ``query``: the primary's at once for a statement a
@@ -440,6 +442,7 @@ class _AsyncWriteUnit:
                     route.name, route.primary_config_name, True, "write", seconds, True, host.label
                 )
                 record(event, cached=False)
+                notify(UnitDone(route.primary_config_name, True, "write"))
 
     async def _commit(self, conn: AConn) -> None:
         status = conn.info.transaction_status

@@ -8,7 +8,8 @@ Counters (``_total``):
 
 - ``pgreplica_statements_total{db_config_name,role,reason}``: routed statements (a
   write unit counts as one), ``role`` ``primary`` or ``replica``;
-- ``pgreplica_statement_seconds_total{db_config_name,role}``: their time;
+- ``pgreplica_units_total{db_config_name,role,reason}``: read and write units;
+- ``pgreplica_statement_seconds_total{db_config_name,role}``: the statements' time;
 - ``pgreplica_caught_up_checks_total{db_config_name,source}``: replica reads whose
   token was proven by the prober's cache (``source="cache"``) or by asking the replica
   (``"query"``), GitLab's ``wal_cached`` and ``wal`` counts;
@@ -46,6 +47,7 @@ from pgreplica.observe import (
     Fallback,
     JobOutcome,
     Observed,
+    UnitDone,
     add_sink,
 )
 
@@ -73,7 +75,16 @@ class _Shard:
     """One thread's counts: written by that thread only, summed at scrape time (a
     prometheus_client counter takes a lock per increment; this takes none)."""
 
-    __slots__ = ("checks", "fallbacks", "job_waits", "jobs", "seconds", "statements", "waits")
+    __slots__ = (
+        "checks",
+        "fallbacks",
+        "job_waits",
+        "jobs",
+        "seconds",
+        "statements",
+        "units",
+        "waits",
+    )
 
     def __init__(self) -> None:
         self.statements: dict[tuple[str, str, str], int] = {}
@@ -83,6 +94,7 @@ class _Shard:
         self.jobs: dict[tuple[str, str], int] = {}
         self.job_waits: dict[tuple[str], float] = {}
         self.waits: dict[tuple[str, str], float] = {}
+        self.units: dict[tuple[str, str, str], int] = {}
 
 
 class _Local(threading.local):
@@ -101,6 +113,12 @@ _COUNTERS = (
         "Routed statements (a write unit counts as one).",
         ["db_config_name", "role", "reason"],
         "statements",
+    ),
+    (
+        "pgreplica_units",
+        "Read and write units of work (lb.read(), lb.write()).",
+        ["db_config_name", "role", "reason"],
+        "units",
     ),
     (
         "pgreplica_statement_seconds",
@@ -179,6 +197,9 @@ def _sink(event: Observed) -> None:
         if event.waited:
             job = (event.job,)
             shard.job_waits[job] = shard.job_waits.get(job, 0.0) + event.waited
+    elif isinstance(event, UnitDone):
+        unit = (event.db_config_name, "primary" if event.primary else "replica", event.reason)
+        shard.units[unit] = shard.units.get(unit, 0) + 1
     elif isinstance(event, CatchUpWait):
         wait = (event.db_config_name, "true" if event.caught_up else "false")
         shard.waits[wait] = shard.waits.get(wait, 0.0) + event.seconds

@@ -40,6 +40,7 @@ __all__ = [
     "Event",
     "Fallback",
     "JobOutcome",
+    "UnitDone",
     "add_sink",
     "current_usage",
     "remove_sink",
@@ -74,6 +75,14 @@ class JobOutcome(NamedTuple):
     waited: float = 0.0
 
 
+class UnitDone(NamedTuple):
+    """A read or write unit of work ended (``lb.read()``, ``lb.write()``)."""
+
+    db_config_name: str
+    primary: bool
+    reason: str
+
+
 class CatchUpWait(NamedTuple):
     """A read waited (``max_wait``) for a replica to replay its token."""
 
@@ -82,7 +91,7 @@ class CatchUpWait(NamedTuple):
     caught_up: bool
 
 
-Observed = Event | Fallback | JobOutcome | CatchUpWait
+Observed = Event | Fallback | JobOutcome | CatchUpWait | UnitDone
 
 
 class _Watch:
