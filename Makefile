@@ -29,6 +29,7 @@ bench: install
 	$(BIN)/python -m bench.failover
 	$(BIN)/python -m bench.token_cost
 	$(BIN)/python -m bench.tagging
+	$(BIN)/python -m bench.pubsub
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.classify
 	$(BIN)/python -m bench.dump
