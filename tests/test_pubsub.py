@@ -327,3 +327,83 @@ def test_a_consumer_in_another_process_reads_what_was_published(
 def test_the_token_of_an_envelope_is_the_context_s_own(lb: pgreplica.LoadBalancer) -> None:
     with lb.isolated():
         assert pubsub.unwrap(pubsub.wrap(1, lb))[1] == CausalToken.from_dict(jobs.capture(lb))
+
+
+# -- PostgreSQL LISTEN/NOTIFY: published inside the writing transaction -------------------------
+
+
+def test_notify_inside_the_writing_transaction_is_read_where_it_committed(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    import psycopg
+
+    channel = "ps_notify"
+    listener = psycopg.connect(healthy_cluster.dsn(0), autocommit=True)
+    listener.execute(f"LISTEN {channel}")
+    consumer_lb = pgreplica.LoadBalancer(config=healthy_cluster.config())
+    results: list[dict[str, Any]] = []
+
+    @pubsub.consumer(consumer_lb, wait=(6, 0.1), name="ps-notify")
+    def on_item(payload: dict[str, Any]) -> None:
+        found, on_replica = read_item(consumer_lb, payload["id"])
+        results.append({"id": payload["id"], "found": found, "on_replica": on_replica})
+
+    def control(message: str) -> bool:
+        payload, token = pubsub.unwrap(message)
+        assert isinstance(token, pubsub.Commit)
+        with consumer_lb.isolated():
+            return read_item(consumer_lb, payload["id"])[0]
+
+    def consume(count: int) -> None:
+        misses = 0
+        for note in listener.notifies(timeout=30, stop_after=count):
+            misses += not control(note.payload)
+            with consumer_lb.isolated():
+                on_item(note.payload)
+        results.append({"control_misses": misses})
+
+    healthy_cluster.lag(1, "300ms")
+    healthy_cluster.lag(2, "300ms")
+    ids: list[int] = []
+    try:
+        with consumer_lb:
+            thread = threading.Thread(target=consume, args=(8,))
+            thread.start()
+            for i in range(8):
+                with lb.isolated(), lb.write() as conn:
+                    row = conn.execute(
+                        "INSERT INTO ps_items (v) VALUES (%s) RETURNING id", (f"notify {i}",)
+                    ).fetchone()
+                    assert row is not None
+                    ids.append(int(row[0]))
+                    pubsub.notify(conn, channel, {"id": row[0]}, lb)
+                time.sleep(0.4)
+            # a rolled-back transaction's notification is never delivered
+            with pytest.raises(RuntimeError), lb.isolated(), lb.write() as conn:
+                pubsub.notify(conn, channel, {"id": -1}, lb)
+                raise RuntimeError("rolled back")
+            thread.join(60)
+    finally:
+        healthy_cluster.lag(1, 0)
+        healthy_cluster.lag(2, 0)
+        listener.close()
+    *reads, summary = results
+    assert [r["id"] for r in reads] == ids and all(r["found"] for r in reads), reads
+    assert summary["control_misses"] >= 5, results  # the lag is real
+    assert any(r["on_replica"] for r in reads), reads  # replicas served once caught up
+
+
+def test_a_notify_envelope_must_fit_and_carries_the_transaction(
+    lb: pgreplica.LoadBalancer,
+) -> None:
+    with (
+        lb.isolated(),
+        lb.write() as conn,
+        pytest.raises(EnvelopeError, match="limited to 7999"),
+    ):
+        pubsub.notify(conn, "ps_big", "x" * 9000, lb)
+    envelope = pubsub._notify_envelope({"id": 1}, lb, None, ("12345",), None)
+    payload, token = pubsub.unwrap(envelope)
+    assert payload == {"id": 1} and token == pubsub.Commit({"main": "12345"})
+    with pytest.raises(EnvelopeError, match="transaction ids"):
+        pubsub.unwrap(envelope.replace('"12345"', '"x1"'))

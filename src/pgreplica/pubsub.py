@@ -22,8 +22,17 @@ The envelope is JSON text, readable from any language::
   consumers read the primary);
 - ``type``: ``json`` (``data`` is the JSON value), ``text`` (``data`` is the string) or
   ``bytes`` (``data`` is base64);
+- ``xid`` (instead of positions, from :func:`notify`): logical database -> the id of
+  the transaction that sent the message, which had not committed yet; the consumer
+  reads where ``pg_xact_status(xid)`` is ``committed``;
 - ``sig`` (optional): base64url HMAC-SHA256, with a shared key, of the envelope's JSON
   without ``sig`` (keys sorted, no spaces), for envelopes that cross a trust boundary.
+
+PostgreSQL LISTEN/NOTIFY: :func:`notify` sends the envelope with ``pg_notify`` inside
+the writing transaction, so the notification and the write commit together (or not at
+all). A position read there would be before the commit record, so the envelope carries
+the transaction id instead: the consumer finds a replica where it has committed (its
+replay position then covers the commit), within the wait, or asks the primary.
 
 A message that is not an envelope (an older publisher during a rolling deploy) is
 passed through unchanged, and its reads go to the primary. A malformed, oversized,
@@ -32,23 +41,32 @@ unsigned (when a key is required) or tampered envelope raises :class:`EnvelopeEr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
 import hmac
 import inspect
 import json
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import psycopg
+
 from pgreplica import jobs
+from pgreplica.balancer import CHECKOUT_ERRORS, bound_positions, is_connection_error
 from pgreplica.errors import TokenError
-from pgreplica.lsn import CausalToken
+from pgreplica.lsn import CausalToken, parse_lsn
 
 __all__ = [
     "MAX_ENVELOPE",
+    "Commit",
     "EnvelopeError",
+    "anotify",
+    "astart",
     "consumer",
+    "notify",
     "start",
     "unwrap",
     "wrap",
@@ -66,6 +84,25 @@ class EnvelopeError(TokenError):
     """A message that claims to be an envelope but cannot be trusted or read."""
 
 
+class Commit:
+    """What a :func:`notify` envelope depends on: transactions (per logical database)
+    that had not committed when it was sent. :func:`start` turns it into positions."""
+
+    __slots__ = ("xids",)
+
+    def __init__(self, xids: Mapping[str, str]) -> None:
+        self.xids = dict(xids)
+
+    def __repr__(self) -> str:
+        return f"Commit({self.xids!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Commit) and other.xids == self.xids
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.xids.items())))
+
+
 def wrap(payload: Any, lb: Any, *, key: bytes | str | None = None) -> str:
     """The envelope of ``payload`` (bytes, str, or a JSON-able value) with the positions
     the current context wrote or read (``lb`` a :class:`~pgreplica.LoadBalancer`)."""
@@ -77,7 +114,12 @@ async def wrap_async(payload: Any, lb: Any, *, key: bytes | str | None = None) -
     return _envelope(payload, await jobs.acapture(lb), key)
 
 
-def _envelope(payload: Any, wal: Mapping[str, str], key: bytes | str | None) -> str:
+def _envelope(
+    payload: Any,
+    wal: Mapping[str, str],
+    key: bytes | str | None,
+    xid: Mapping[str, str] | None = None,
+) -> str:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         kind, data = "bytes", base64.b64encode(bytes(payload)).decode()
     elif isinstance(payload, str):
@@ -85,6 +127,8 @@ def _envelope(payload: Any, wal: Mapping[str, str], key: bytes | str | None) -> 
     else:
         kind, data = "json", payload
     body: dict[str, Any] = {"pgreplica": VERSION, "wal": dict(wal), "type": kind, "data": data}
+    if xid:
+        body["xid"] = dict(xid)
     try:
         text = _canonical(body)
     except (TypeError, ValueError) as exc:
@@ -97,8 +141,9 @@ def _envelope(payload: Any, wal: Mapping[str, str], key: bytes | str | None) -> 
 
 def unwrap(
     message: Any, *, key: bytes | str | None = None, max_bytes: int = MAX_ENVELOPE
-) -> tuple[Any, CausalToken | None]:
-    """``(payload, token)`` of a message. A message that is not an envelope comes back
+) -> tuple[Any, CausalToken | Commit | None]:
+    """``(payload, token)`` of a message (a :class:`Commit` for a :func:`notify`
+    envelope). A message that is not an envelope comes back
     as it is, with ``None``: nothing says what it depends on, so its reads belong on
     the primary. With ``key``, an envelope must carry a valid signature."""
     raw = message
@@ -137,10 +182,19 @@ def unwrap(
     kind, data, wal = body.get("type"), body.get("data"), body.get("wal")
     if kind not in _TYPES or "data" not in body or not isinstance(wal, dict):
         raise EnvelopeError("envelope needs type (json, text or bytes), data and wal")
-    try:
-        token = CausalToken.from_dict(wal)
-    except TokenError as exc:
-        raise EnvelopeError(f"envelope positions: {exc}") from None
+    xids = body.get("xid")
+    token: CausalToken | Commit
+    if xids is not None:
+        if not isinstance(xids, dict) or not all(
+            isinstance(v, str) and v.isdigit() and len(v) <= 20 for v in xids.values()
+        ):
+            raise EnvelopeError("envelope xid must map databases to transaction ids")
+        token = Commit(xids)
+    else:
+        try:
+            token = CausalToken.from_dict(wal)
+        except TokenError as exc:
+            raise EnvelopeError(f"envelope positions: {exc}") from None
     if kind == "bytes":
         if not isinstance(data, str):
             raise EnvelopeError("bytes envelope data must be base64 text")
@@ -155,14 +209,170 @@ def unwrap(
 
 def start(
     lb: Any,
-    token: CausalToken | None,
+    token: CausalToken | Commit | None,
     *,
     name: str = "message",
     wait: jobs.WaitPolicy | tuple[int, float] | None = None,
 ) -> jobs.Decision:
     """Where a consumer's reads go (the jobs core's STICKY decision, always enabled):
     enter ``decision.scope`` around them. No token: the primary."""
+    if isinstance(token, Commit):
+        token = _committed(lb, token, jobs.WaitPolicy.of(wait, job=name))
     return jobs.start_job(lb, "sticky", token, job=name, wait=wait, enabled=True)
+
+
+async def astart(
+    lb: Any,
+    token: CausalToken | Commit | None,
+    *,
+    name: str = "message",
+    wait: jobs.WaitPolicy | tuple[int, float] | None = None,
+) -> jobs.Decision:
+    """:func:`start` for an :class:`~pgreplica.AsyncLoadBalancer`."""
+    if isinstance(token, Commit):
+        token = await _acommitted(lb, token, jobs.WaitPolicy.of(wait, job=name))
+    return await jobs.astart_job(lb, "sticky", token, job=name, wait=wait, enabled=True)
+
+
+def notify(
+    conn: Any,
+    channel: str,
+    payload: Any,
+    lb: Any,
+    *,
+    database: str | None = None,
+    key: bytes | str | None = None,
+) -> None:
+    """``pg_notify(channel, envelope)`` on ``conn``, a connection in the writing
+    transaction on the primary (``with lb.write() as conn``, or a routing connection
+    in a transaction): the message is delivered only if the transaction commits, and
+    its consumers read where that commit has been replayed."""
+    row = conn.execute(XID_SQL).fetchone()
+    conn.execute(NOTIFY_SQL, (channel, _notify_envelope(payload, lb, database, row, key)))
+
+
+async def anotify(
+    conn: Any,
+    channel: str,
+    payload: Any,
+    lb: Any,
+    *,
+    database: str | None = None,
+    key: bytes | str | None = None,
+) -> None:
+    """:func:`notify` on an asyncio connection."""
+    cur = await conn.execute(XID_SQL)
+    row = await cur.fetchone()
+    await conn.execute(NOTIFY_SQL, (channel, _notify_envelope(payload, lb, database, row, key)))
+
+
+XID_SQL = "SELECT pg_current_xact_id()::text"
+NOTIFY_SQL = "SELECT pg_notify(%s, %s)"
+#: A replica where the transaction has committed, and how far it has replayed.
+REPLICA_COMMIT_SQL = "SELECT pg_xact_status(%s::xid8), pg_last_wal_replay_lsn()::text"
+PRIMARY_COMMIT_SQL = "SELECT pg_xact_status(%s::xid8), pg_current_wal_insert_lsn()::text"
+#: PostgreSQL's limit on a NOTIFY payload.
+NOTIFY_MAX = 7999
+
+
+def _notify_envelope(
+    payload: Any, lb: Any, database: str | None, row: Any, key: bytes | str | None
+) -> str:
+    route = lb._router.route(database)
+    xid = str(row[0])
+    envelope = _envelope(payload, {}, key, dict.fromkeys(route.shares_primary_with, xid))
+    if len(envelope.encode()) > NOTIFY_MAX:
+        raise EnvelopeError(
+            f"envelope of {len(envelope.encode())} bytes: NOTIFY payloads are limited to"
+            f" {NOTIFY_MAX}; publish an id and read the rest"
+        )
+    return envelope
+
+
+def _committed(lb: Any, commit: Commit, policy: jobs.WaitPolicy) -> CausalToken | None:
+    """Positions at or past each transaction's commit: a replica's replay position
+    where it has committed (asked up to ``policy``), else the primary's position. None
+    when even the primary cannot say (the reads then go to the primary)."""
+    positions: dict[str, int] = {}
+    for name, xid in commit.xids.items():
+        route = lb._router.databases.get(name)
+        if route is None:
+            continue  # a database this balancer does not route
+        position = 0
+        for attempt in range(policy.tries + 1):
+            for host in route.read_set:
+                position = _ask(lb, host, REPLICA_COMMIT_SQL, xid)
+                if position:
+                    break
+            if position or attempt == policy.tries or not route.read_set:
+                break
+            time.sleep(policy.interval)
+        position = position or _ask(lb, route.primary, PRIMARY_COMMIT_SQL, xid)
+        if not position:
+            return None
+        positions[name] = position
+    return bound_positions(lb._router, positions)
+
+
+async def _acommitted(lb: Any, commit: Commit, policy: jobs.WaitPolicy) -> CausalToken | None:
+    """:func:`_committed` for an asyncio balancer."""
+    positions: dict[str, int] = {}
+    for name, xid in commit.xids.items():
+        route = lb._router.databases.get(name)
+        if route is None:
+            continue
+        position = 0
+        for attempt in range(policy.tries + 1):
+            for host in route.read_set:
+                position = await _aask(lb, host, REPLICA_COMMIT_SQL, xid)
+                if position:
+                    break
+            if position or attempt == policy.tries or not route.read_set:
+                break
+            await asyncio.sleep(policy.interval)
+        position = position or await _aask(lb, route.primary, PRIMARY_COMMIT_SQL, xid)
+        if not position:
+            return None
+        positions[name] = position
+    return bound_positions(lb._router, positions)
+
+
+def _position(row: Any) -> int:
+    if row and row[0] == "committed" and row[1]:
+        return parse_lsn(str(row[1]))
+    return 0
+
+
+def _ask(lb: Any, host: Any, sql: str, xid: str) -> int:
+    """The position ``host`` reports if ``xid`` has committed there, else 0."""
+    try:
+        conn = lb._checkout(host)
+    except CHECKOUT_ERRORS:
+        return 0
+    try:
+        return _position(conn.execute(sql, (xid,)).fetchone())
+    except psycopg.Error as exc:  # 22023 "in the future": not replayed yet
+        if is_connection_error(exc):
+            lb._host_failed(host, exc)
+        return 0
+    finally:
+        lb._checkin(host, conn)
+
+
+async def _aask(lb: Any, host: Any, sql: str, xid: str) -> int:
+    try:
+        conn = await lb._checkout(host)
+    except CHECKOUT_ERRORS:
+        return 0
+    try:
+        cur = await conn.execute(sql, (xid,))
+        return _position(await cur.fetchone())
+    except psycopg.Error as exc:
+        if is_connection_error(exc):
+            lb._host_failed(host, exc)
+        return 0
+    finally:
+        await lb._checkin(host, conn)
 
 
 def consumer(
@@ -182,7 +392,7 @@ def consumer(
     def decorate(func: F) -> F:
         job = name or f"{func.__module__}.{func.__qualname__}"
 
-        def prepare(message: Any) -> tuple[Any, CausalToken | None] | None:
+        def prepare(message: Any) -> tuple[Any, CausalToken | Commit | None] | None:
             try:
                 return unwrap(message, key=key)
             except EnvelopeError as exc:
@@ -199,9 +409,7 @@ def consumer(
                 if unwrapped is None:
                     return None
                 payload, token = unwrapped
-                decision = await jobs.astart_job(
-                    lb, "sticky", token, job=job, wait=wait, enabled=True
-                )
+                decision = await astart(lb, token, name=job, wait=wait)
                 async with decision.scope:
                     return await func(payload, *args, **kwargs)
 
