@@ -407,3 +407,61 @@ def test_a_notify_envelope_must_fit_and_carries_the_transaction(
     assert payload == {"id": 1} and token == pubsub.Commit({"main": "12345"})
     with pytest.raises(EnvelopeError, match="transaction ids"):
         pubsub.unwrap(envelope.replace('"12345"', '"x1"'))
+
+
+def test_notify_and_its_consumer_in_asyncio(healthy_cluster: LocalCluster) -> None:
+    import psycopg
+
+    channel = "ps_anotify"
+    healthy_cluster.execute(0, TABLE)
+
+    async def main() -> tuple[list[tuple[bool, bool]], int]:
+        alb = pgreplica.AsyncLoadBalancer(config=healthy_cluster.config())
+        listener = await psycopg.AsyncConnection.connect(healthy_cluster.dsn(0), autocommit=True)
+        await listener.execute(f"LISTEN {channel}")
+        results: list[tuple[bool, bool]] = []
+        misses = 0
+
+        @pubsub.consumer(alb, wait=(6, 0.1), name="ps-anotify")
+        async def on_item(payload: dict[str, Any]) -> None:
+            async with alb.read() as conn:
+                cur = await conn.execute("SELECT 1 FROM ps_items WHERE id = %s", (payload["id"],))
+                results.append((await cur.fetchone() is not None, conn.on_replica))
+
+        async def consume() -> None:
+            nonlocal misses
+            async for note in listener.notifies(timeout=30, stop_after=5):
+                payload, _ = pubsub.unwrap(note.payload)
+                with alb.isolated():
+                    async with alb.read() as conn:  # the control: no envelope
+                        cur = await conn.execute(
+                            "SELECT 1 FROM ps_items WHERE id = %s", (payload["id"],)
+                        )
+                        misses += await cur.fetchone() is None
+                    await on_item(note.payload)
+
+        async with alb:
+            task = asyncio.create_task(consume())
+            for i in range(5):
+                with alb.isolated():
+                    async with alb.write() as conn:
+                        cur = await conn.execute(
+                            "INSERT INTO ps_items (v) VALUES (%s) RETURNING id", (f"anotify {i}",)
+                        )
+                        row = await cur.fetchone()
+                        assert row is not None
+                        await pubsub.anotify(conn, channel, {"id": row[0]}, alb)
+                await asyncio.sleep(0.4)
+            await asyncio.wait_for(task, 60)
+        await listener.close()
+        return results, misses
+
+    healthy_cluster.lag(1, "300ms")
+    healthy_cluster.lag(2, "300ms")
+    try:
+        results, misses = asyncio.run(main())
+    finally:
+        healthy_cluster.lag(1, 0)
+        healthy_cluster.lag(2, 0)
+    assert len(results) == 5 and all(found for found, _ in results), results
+    assert misses >= 3, misses  # the lag is real
