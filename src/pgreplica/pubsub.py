@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hashlib
 import hmac
 import inspect
 import json
@@ -58,6 +57,7 @@ from pgreplica import jobs
 from pgreplica.balancer import CHECKOUT_ERRORS, bound_positions, is_connection_error
 from pgreplica.errors import TokenError
 from pgreplica.lsn import CausalToken, parse_lsn
+from pgreplica.lsn import _mac as lsn_mac
 
 __all__ = [
     "MAX_ENVELOPE",
@@ -434,8 +434,7 @@ def _canonical(body: Mapping[str, Any]) -> str:
 
 
 def _mac(key: bytes | str, text: str) -> str:
-    raw = key.encode() if isinstance(key, str) else key
-    if not raw:
-        raise EnvelopeError("signing key must not be empty")
-    digest = hmac.new(raw, text.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    try:
+        return lsn_mac(key, text)  # the HMAC signed tokens use
+    except TokenError as exc:
+        raise EnvelopeError(str(exc)) from None
