@@ -14,14 +14,12 @@ Configuration comes from the environment:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from celery import Celery
 
-import pgreplica
-from fork_workload import ECHO_SQL, cycle
+from fork_workload import balancer_used_before_fork, cycle
 
 app = Celery("fork_celery_app")
 app.conf.update(
@@ -32,17 +30,7 @@ app.conf.update(
     result_expires=600,
 )
 
-lb = pgreplica.LoadBalancer(
-    primary=os.environ["PGREPLICA_FORK_PRIMARY"],
-    replicas=json.loads(os.environ["PGREPLICA_FORK_REPLICAS"]),
-)
-lb.open()
-with lb.isolated():
-    for _ in range(4):
-        with lb.read() as conn:
-            conn.execute(ECHO_SQL, ("main process",)).fetchone()
-    with lb.write() as conn:
-        conn.execute("SELECT 1").fetchone()
+lb = balancer_used_before_fork("main process")
 
 
 @app.task(name="fork_celery_app.write_read")

@@ -15,11 +15,14 @@ process or iteration (a connection shared across a fork) shows as a wrong nonce.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
+
+import pgreplica
 
 TABLE_SQL = "CREATE TABLE IF NOT EXISTS fork_rows (nonce text PRIMARY KEY, pid int NOT NULL)"
 ECHO_SQL = "SELECT %s::text, pg_backend_pid(), inet_server_port(), pg_is_in_recovery()"
@@ -209,3 +212,20 @@ def report_problems(
 def replica_share(cycles: list[dict[str, Any]], key: str = "echo_on_replica") -> tuple[int, int]:
     """(reads on a replica, reads) among ``cycles``."""
     return sum(1 for c in cycles if c.get(key)), len(cycles)
+
+
+def balancer_used_before_fork(tag: str) -> pgreplica.LoadBalancer:
+    """The balancer a pre-forking server builds at import (from the test's environment),
+    with pooled connections in use, a prober running and a token: what children inherit."""
+    lb = pgreplica.LoadBalancer(
+        primary=os.environ["PGREPLICA_FORK_PRIMARY"],
+        replicas=json.loads(os.environ["PGREPLICA_FORK_REPLICAS"]),
+    )
+    lb.open()
+    with lb.isolated():
+        for _ in range(4):
+            with lb.read() as conn:
+                conn.execute(ECHO_SQL, (tag,)).fetchone()
+        with lb.write() as conn:
+            conn.execute("SELECT 1").fetchone()
+    return lb

@@ -22,20 +22,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-import pgreplica
-from fork_workload import ECHO_SQL, cycle
+from fork_workload import balancer_used_before_fork, cycle
 
-lb = pgreplica.LoadBalancer(
-    primary=os.environ["PGREPLICA_FORK_PRIMARY"],
-    replicas=json.loads(os.environ["PGREPLICA_FORK_REPLICAS"]),
-)
-lb.open()
-with lb.isolated():
-    for _ in range(4):
-        with lb.read() as conn:
-            conn.execute(ECHO_SQL, ("master",)).fetchone()
-    with lb.write() as conn:
-        conn.execute("SELECT 1").fetchone()
+lb = balancer_used_before_fork("master")
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
