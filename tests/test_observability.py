@@ -5,9 +5,12 @@ test did, and OpenTelemetry span attributes."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,3 +248,38 @@ def test_metrics_count_the_time_reads_wait_for_a_replica(
         healthy_cluster.resume(2)  # idempotent
     waited = (registry.get_sample_value(name, labels) or 0.0) - before
     assert 0.1 < waited < 3.0
+
+
+def test_a_forked_child_watches_even_if_a_thread_held_the_lock_at_fork() -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with observe.WATCH.lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(5)
+    pid = os.fork()
+    if pid == 0:  # the child: the lock another thread held must be free here
+        try:
+            with observe.usage():
+                pass
+            metrics._LOCK.__enter__()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    release.set()
+    thread.join()
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child deadlocked on an inherited lock")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -20,10 +20,11 @@ _LOCKS: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
 class ForkSafeLock:
     """A mutex for ``with`` blocks, renewed (unlocked) in a forked child."""
 
-    __slots__ = ("__weakref__", "_lock")
+    __slots__ = ("__weakref__", "_lock", "_reentrant")
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, *, reentrant: bool = False) -> None:
+        self._reentrant = reentrant
+        self._lock = threading.RLock() if reentrant else threading.Lock()
         _LOCKS.add(self)
 
     def __enter__(self) -> bool:
@@ -38,7 +39,7 @@ class ForkSafeLock:
         self._lock.release()
 
     def _renew(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock() if self._reentrant else threading.Lock()
 
 
 def _after_fork_in_child() -> None:

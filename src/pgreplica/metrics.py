@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pgreplica._fork import ForkSafeLock
 from pgreplica.errors import ConfigError
 from pgreplica.lsn import parse_lsn
 from pgreplica.observe import (
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["asgi_app", "enable", "wsgi_app"]
 
-_LOCK = threading.RLock()  # a registry may collect while enable() registers
+_LOCK = ForkSafeLock(reentrant=True)  # a registry may collect while enable() registers
 _STATE: dict[str, Any] = {}
 _BALANCERS: weakref.WeakSet[BalancerBase] = weakref.WeakSet()
 

@@ -26,13 +26,13 @@ cache; a read without a token needs neither.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import NamedTuple
 
+from pgreplica._fork import ForkSafeLock
 from pgreplica._scope import EitherWith
 
 __all__ = [
@@ -101,7 +101,7 @@ class _Watch:
         self.on = False
         self.scopes = 0
         self.sinks: list[Callable[[Observed], None]] = []
-        self.lock = threading.Lock()
+        self.lock = ForkSafeLock()  # a forked child must not inherit it held
 
     def update(self) -> None:
         self.on = bool(self.sinks) or self.scopes > 0

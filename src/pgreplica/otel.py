@@ -10,15 +10,15 @@ is imported.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+from pgreplica._fork import ForkSafeLock
 from pgreplica.errors import ConfigError
 from pgreplica.observe import Event, Observed, add_sink
 
 __all__ = ["enable"]
 
-_LOCK = threading.Lock()
+_LOCK = ForkSafeLock()
 _TRACE: list[Any] = []
 
 
