@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+# The example Django project (tests/django_project.py) for the Django and Channels tests.
+from django_project import project, replicas_up  # noqa: F401
 from pgreplica.context import isolated
 from pgreplica.testing import LocalCluster, make_cluster_directory
 

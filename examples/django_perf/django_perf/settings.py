@@ -4,6 +4,8 @@ a replica. Configured entirely from the environment:
 - DATABASE_URL: the primary (``postgresql://user:pass@host:port/dbname``)
 - READ_REPLICA_ENABLED=true and READ_REPLICA_DATABASE_URL (or ..._URLS, comma
   separated): the replicas. Unset or false: no replica alias, everything on the primary.
+- REDIS_URL: the channel layer of the live updates (``/ws/signatures/``) is
+  channels-redis there; unset, an in-memory layer (one process only).
 """
 
 import os
@@ -67,6 +69,24 @@ PGREPLICA = {
         }.items()
         if value
     },
+}
+
+# Live updates (django_perf/asgi.py): every message sent through the layer carries the
+# sender's WAL positions; SignatureUpdates reads on a replica that has replayed them.
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "pgreplica.contrib.channels.EnvelopeChannelLayer",
+        "CONFIG": {
+            "layer": (
+                {
+                    "BACKEND": "channels_redis.core.RedisChannelLayer",
+                    "CONFIG": {"hosts": [os.environ["REDIS_URL"]]},
+                }
+                if os.environ.get("REDIS_URL")
+                else {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+            ),
+        },
+    }
 }
 
 LOGGING = {

@@ -11,12 +11,32 @@ from perf import models, serializers
 from pgreplica.contrib.django import ReadReplicaMixin, read_replica
 
 
+def announce(signature_id):
+    """Tell the live-updates subscribers, once the write has committed. The channel
+    layer (pgreplica's envelope layer) stamps the message with this write's position."""
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    from perf.consumers import GROUP
+
+    layer = get_channel_layer()
+    if layer is not None:
+        message = {"type": "signature.updated", "id": signature_id}
+        transaction.on_commit(lambda: async_to_sync(layer.group_send)(GROUP, message))
+
+
 class SignatureViewSet(ReadReplicaMixin, viewsets.ModelViewSet):
     """Creating signatures is allowed, but only list and retrieve use the replica."""
 
     replica_actions = ("list", "retrieve")
     queryset = models.Signature.objects.order_by("id")
     serializer_class = serializers.SignatureSerializer
+
+    def perform_create(self, serializer):
+        announce(serializer.save().pk)
+
+    def perform_update(self, serializer):
+        announce(serializer.save().pk)
 
 
 class DataPointViewSet(ReadReplicaMixin, viewsets.ReadOnlyModelViewSet):

@@ -63,6 +63,12 @@ class ReadReplicaRouter:
     # so never start its prober), e.g. while Django creates a test database.
 
     def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        state = REQUEST.get()
+        if state is not None and state.replica:
+            # The rest of the block reads its own write: the primary. (Where the query
+            # runs is tracked too, but not in the threads an async consumer's ORM calls
+            # run in, which see this state through the context.)
+            state.wrote = state.primary_only = True
         primary, replicas = configured_aliases()
         return primary if replicas else None
 

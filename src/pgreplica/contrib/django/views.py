@@ -52,7 +52,7 @@ def _configured() -> bool:
     )
 
 
-def _run_with_replica(call: Callable[[], Any], where: str) -> Any:
+def run_with_replica(call: Callable[[], Any], where: str) -> Any:
     """Run ``call`` with replica reads; once more on the primary if a replica failed."""
     from django.db import InterfaceError, OperationalError
 
@@ -63,20 +63,25 @@ def _run_with_replica(call: Callable[[], Any], where: str) -> Any:
             replica_aliases = set(integration().replica_aliases)
             if not state.served & replica_aliases and state.alias is None:
                 raise
-            logger.warning(
-                "db_routing_fallback view=%s alias=%s error=%s reason=%s",
-                where,
-                state.alias,
-                type(exc).__name__,
-                error_reason(exc),
-            )
-            state.primary_only = True
-            state.alias = None
-            state.aliases.clear()
+            fallback_to_primary(state, exc, where)
             return call()
         if state.served & set(integration().replica_aliases):
             logger.debug("db_routing routed_to=%s view=%s", state.alias or "read_replica", where)
         return response
+
+
+def fallback_to_primary(state: RequestState, exc: BaseException, where: str) -> None:
+    """After a replica failed: log ``db_routing_fallback``, and send the rest to the primary."""
+    logger.warning(
+        "db_routing_fallback view=%s alias=%s error=%s reason=%s",
+        where,
+        state.alias,
+        type(exc).__name__,
+        error_reason(exc),
+    )
+    state.primary_only = True
+    state.alias = None
+    state.aliases.clear()
 
 
 class ReadReplicaMixin:
@@ -97,7 +102,7 @@ class ReadReplicaMixin:
             action_map = getattr(self, "action_map", None) or {}
             if action_map.get(request.method.lower()) not in self.replica_actions:
                 return parent(request, *args, **kwargs)
-        return _run_with_replica(lambda: parent(request, *args, **kwargs), type(self).__name__)
+        return run_with_replica(lambda: parent(request, *args, **kwargs), type(self).__name__)
 
 
 def read_replica(view: F) -> F:
@@ -107,7 +112,7 @@ def read_replica(view: F) -> F:
     def wrapper(request: Any, *args: Any, **kwargs: Any) -> Any:
         if request.method not in SAFE_METHODS or not _configured():
             return view(request, *args, **kwargs)
-        return _run_with_replica(lambda: view(request, *args, **kwargs), view.__name__)
+        return run_with_replica(lambda: view(request, *args, **kwargs), view.__name__)
 
     return wrapper  # type: ignore[return-value]
 
