@@ -1,0 +1,525 @@
+"""SQLAlchemy 2: a routing ``Session`` (and its asyncio counterpart) over pgreplica.
+
+::
+
+    lb = pgreplica.LoadBalancer.from_env()                 # or config=...
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    with Session() as session:
+        item = session.get(Item, 7)                        # a caught-up replica
+        item.title = "new"
+        session.commit()                                   # the primary; the token advances
+
+    alb = pgreplica.AsyncLoadBalancer(config=...)
+    AsyncSession = async_sessionmaker(class_=AsyncRoutingSession, lb=alb)
+
+How a session routes, per transaction and per logical database:
+
+- Until it writes, its reads go to a healthy replica that has replayed the context's
+  causal token (the same choice as ``lb.read()``: the prober's cached positions, one
+  direct check, a bounded wait, else the primary).
+- A flush, a DML statement, a ``SELECT ... FOR UPDATE`` (``with_for_update()``), a
+  textual statement the classifier does not call a read, DDL, or ``session.connection()``
+  sends the rest of the transaction to the primary. The read-only transaction on the
+  replica is ended then (rolled back): no database transaction ever spans two hosts,
+  and everything from the first write on runs in one transaction on the primary.
+- ``commit()`` of a transaction that wrote advances the context's token to the
+  primary's WAL position after the commit, so the next reads of this context (or of the
+  next request, through the web middleware) see the write.
+- ``with lb.primary():`` (or ``RoutingSession(..., primary=True)``) keeps everything on
+  the primary; the kill switch and every balancer setting apply.
+- A replica that fails (a connection error, a hang the prober cuts off) or refuses the
+  statement as a standby: a session that has not written and has nothing pending runs
+  the statement once more on another host (rolled back first, as after any error).
+
+Engines are one per host and share the balancer's pools, prober and health state:
+a connection is checked out of pgreplica's pool for the length of a transaction and
+given back at its end, so a hung replica's connections are aborted as for ``lb.read()``.
+
+Tables (or mapped classes) may belong to other logical databases of the configuration:
+``RoutingSession(lb=lb, databases={"ci": [Build, "ci_pipelines"]})``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, create_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.util import await_only
+
+from pgreplica._balancer_async import AsyncLoadBalancer
+from pgreplica._balancer_sync import LoadBalancer
+from pgreplica.balancer import (
+    CHECKOUT_ERRORS,
+    UNKNOWN_POSITION,
+    DatabaseRoute,
+    is_connection_error,
+    log_fallback,
+    log_routed,
+    standby_refusal,
+)
+from pgreplica.context import current_state
+from pgreplica.health import Host, error_reason
+from pgreplica.sql import classify
+
+__all__ = ["AsyncRoutingSession", "RoutingSession", "engine_for"]
+
+logger = logging.getLogger("pgreplica.sqlalchemy")
+T = TypeVar("T")
+Balancer = LoadBalancer | AsyncLoadBalancer
+
+PRIMARY = "primary"
+REPLICA = "replica"
+IDLE = TransactionStatus.IDLE
+
+
+# -- engines: one per host, over the balancer's pools ------------------------------------
+
+
+class _LentPool(NullPool):
+    """SQLAlchemy's view of one host: each checkout takes a connection from the
+    balancer's pool of that host (lent, so a host marked down aborts it), each return
+    gives it back."""
+
+    _pgreplica: tuple[Balancer, Host]
+
+    def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
+        lb, host = self._pgreplica
+        raw = getattr(connection, "_connection", connection)  # unwrap asyncio's adapter
+        if isinstance(lb, AsyncLoadBalancer):
+            await_only(_acheckin(lb, host, raw, terminate))
+        else:
+            if terminate:
+                raw.close()
+            elif not raw.closed and raw.info.transaction_status == IDLE:
+                raw.read_only = None
+                raw.autocommit = True  # as the balancer's pools keep them
+            lb._checkin(host, raw)
+
+    def recreate(self) -> _LentPool:
+        pool = super().recreate()
+        assert isinstance(pool, _LentPool)
+        pool._pgreplica = self._pgreplica
+        return pool
+
+
+async def _acheckin(lb: AsyncLoadBalancer, host: Host, raw: Any, terminate: bool) -> None:
+    if terminate:
+        await raw.close()
+    elif not raw.closed and raw.info.transaction_status == IDLE:
+        await raw.set_read_only(None)
+        await raw.set_autocommit(True)
+    await lb._checkin(host, raw)
+
+
+class _Engines:
+    """The engines of one balancer (shared by all its sessions), made on first use."""
+
+    def __init__(self, lb: Balancer, options: Mapping[str, Any]) -> None:
+        self.lb = lb
+        self.options = dict(options)
+        self._engines: dict[Host, Engine] = {}
+        self._lock = threading.Lock()
+
+    def engine(self, host: Host, route: DatabaseRoute) -> Engine:
+        engine = self._engines.get(host)
+        if engine is None:
+            with self._lock:
+                engine = self._engines.get(host)
+                if engine is None:
+                    engine = self._engines[host] = self._make(host, route)
+        return engine
+
+    def _make(self, host: Host, route: DatabaseRoute) -> Engine:
+        lb = self.lb
+        options = {**self.options, "poolclass": _LentPool}
+        if isinstance(lb, AsyncLoadBalancer):
+
+            async def aconnect() -> Any:
+                primary = host is route.primary
+                conn = await (lb._primary_conn(route) if primary else _acheckout(lb, host))
+                try:
+                    await conn.set_autocommit(False)
+                    await conn.set_read_only(None if primary else True)
+                except BaseException:
+                    await lb._checkin(host, conn)
+                    raise
+                return conn
+
+            engine = create_async_engine(
+                "postgresql+psycopg://", async_creator=aconnect, **options
+            ).sync_engine
+        else:
+
+            def connect() -> Any:
+                primary = host is route.primary
+                if primary:
+                    conn = lb._primary_conn(route)  # fails fast when the primary is down
+                else:
+                    try:
+                        conn = lb._checkout(host)
+                    except CHECKOUT_ERRORS as exc:
+                        lb._host_failed(host, exc)
+                        raise psycopg.OperationalError(
+                            f"no connection to {host.label} ({error_reason(exc)})"
+                        ) from exc
+                try:
+                    conn.autocommit = False
+                    conn.read_only = None if primary else True  # BEGIN READ ONLY
+                except BaseException:
+                    lb._checkin(host, conn)
+                    raise
+                return conn
+
+            engine = create_engine("postgresql+psycopg://", creator=connect, **options)
+        pool = engine.pool
+        assert isinstance(pool, _LentPool)
+        pool._pgreplica = (lb, host)
+        dialect = engine.dialect
+        # The end of a read-only transaction on a replica that died meanwhile: nothing
+        # was written, so nothing is lost; the reads already returned. Not an error.
+        for name in ("do_commit", "do_rollback"):
+            setattr(dialect, name, _read_only_tolerant(getattr(dialect, name), lb, host))
+        return engine
+
+    def dispose(self) -> None:
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            engine.dispose()
+
+
+def _read_only_tolerant(end: Callable[[Any], None], lb: Balancer, host: Host) -> Any:
+    def call(dbapi_connection: Any) -> None:
+        try:
+            end(dbapi_connection)
+        except psycopg.Error as exc:
+            raw = getattr(dbapi_connection, "_connection", dbapi_connection)
+            if not (raw.read_only and is_connection_error(exc)):
+                raise
+            lb._host_failed(host, exc)
+            log_fallback(host, exc, "replica_lost_at_end")
+
+    return call
+
+
+async def _acheckout(lb: AsyncLoadBalancer, host: Host) -> Any:
+    try:
+        return await lb._checkout(host)
+    except CHECKOUT_ERRORS as exc:
+        lb._host_failed(host, exc)
+        raise psycopg.OperationalError(
+            f"no connection to {host.label} ({error_reason(exc)})"
+        ) from exc
+
+
+_ENGINES: weakref.WeakKeyDictionary[Any, _Engines] = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engines_of(lb: Balancer, options: Mapping[str, Any] | None = None) -> _Engines:
+    engines = _ENGINES.get(lb)
+    if engines is None or (options is not None and options != engines.options):
+        with _ENGINES_LOCK:
+            engines = _ENGINES.get(lb)
+            if engines is None or (options is not None and options != engines.options):
+                if engines is not None:
+                    engines.dispose()
+                engines = _ENGINES[lb] = _Engines(lb, options or {})
+    return engines
+
+
+def engine_for(lb: Balancer, host: Host, database: str | None = None) -> Engine:
+    """The (sync) engine a routing session uses for ``host`` of ``database``: for
+    code that wants a plain SQLAlchemy connection to one host."""
+    return _engines_of(lb).engine(host, lb._router.route(database))
+
+
+# -- the session ---------------------------------------------------------------------------
+
+
+class _Unit:
+    """Where one logical database's part of the current transaction runs."""
+
+    __slots__ = ("engine", "host", "kind", "route", "wrote")
+
+    def __init__(self, route: DatabaseRoute, host: Host, kind: str, engine: Engine) -> None:
+        self.route = route
+        self.host = host
+        self.kind = kind
+        self.engine = engine
+        self.wrote = False
+
+
+def _writes(clause: Any) -> bool:
+    """Whether a statement must run on the primary. ``None`` (``session.connection()``,
+    a flush) may be anything: the primary."""
+    if clause is None:
+        return True
+    if isinstance(clause, TextualSelect):  # text(...).columns(...)
+        clause = clause.element
+    if isinstance(clause, TextClause):
+        return not classify(clause.text).replica
+    if getattr(clause, "is_select", False):
+        return getattr(clause, "_for_update_arg", None) is not None  # a lock
+    return True  # DML, DDL, anything else
+
+
+class RoutingSession(Session):
+    """A :class:`~sqlalchemy.orm.Session` that routes each transaction's reads to a
+    caught-up replica and its writes to the primary (see the module's documentation).
+
+    ``lb`` is a :class:`~pgreplica.LoadBalancer` (or an
+    :class:`~pgreplica.AsyncLoadBalancer` under :class:`AsyncRoutingSession`);
+    ``databases`` maps logical databases to the tables or mapped classes they hold;
+    ``engine_options`` are given to ``create_engine`` for every host (``echo``...);
+    ``primary=True`` keeps the session on the primary."""
+
+    def __init__(
+        self,
+        *args: Any,
+        lb: Balancer,
+        databases: Mapping[str, Iterable[Any]] | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        primary: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(lb, (LoadBalancer, AsyncLoadBalancer)):
+            raise TypeError(
+                "RoutingSession needs lb=LoadBalancer or AsyncLoadBalancer,"
+                f" got {type(lb).__name__}"
+            )
+        super().__init__(*args, **kwargs)
+        self._pg_lb = lb
+        self._pg_async = isinstance(lb, AsyncLoadBalancer)
+        self._pg_engines = _engines_of(lb, engine_options)
+        self._pg_primary = primary
+        self._pg_tables: dict[str, str] = {}
+        for name, members in (databases or {}).items():
+            lb._router.route(name)  # an unknown database fails here, by name
+            for member in members:
+                self._pg_tables[_table_name(member)] = name
+        self._pg_units: dict[str | None, _Unit] = {}
+        self._pg_last: _Unit | None = None
+        self._pg_excluded: set[Host] = set()
+        self._pg_force_primary = False
+
+    # SQLAlchemy asks for a bind before each statement of a transaction and at flush.
+    def get_bind(
+        self,
+        mapper: Any = None,
+        *,
+        clause: Any = None,
+        bind: Any = None,
+        _sa_skip_events: bool | None = None,
+        _sa_skip_for_implicit_returning: bool = False,
+        **kw: Any,
+    ) -> Any:
+        if bind is not None:
+            return bind
+        database = self._pg_database(mapper, clause)
+        write = self._flushing or _writes(clause)
+        unit = self._pg_units.get(database)
+        if unit is None:
+            unit = self._pg_units[database] = self._pg_begin(database, write)
+        elif write and unit.kind != PRIMARY:
+            self._pg_to_primary(unit)
+        if write:
+            unit.wrote = True
+        self._pg_last = unit
+        return unit.engine
+
+    def _pg_database(self, mapper: Any, clause: Any) -> str | None:
+        if not self._pg_tables:
+            return None
+        names: list[str] = []
+        if mapper is not None:
+            table = getattr(getattr(mapper, "mapper", mapper), "local_table", None)
+            if table is not None:
+                names.append(str(getattr(table, "name", "")))
+        if clause is not None:
+            table = getattr(clause, "table", None)  # DML
+            if table is not None:
+                names.append(str(getattr(table, "name", "")))
+            elif hasattr(clause, "get_final_froms"):
+                names.extend(str(getattr(f, "name", "")) for f in clause.get_final_froms())
+        for name in names:
+            database = self._pg_tables.get(name)
+            if database is not None:
+                return database
+        return None
+
+    def _pg_begin(self, database: str | None, write: bool) -> _Unit:
+        lb = self._pg_lb
+        if not lb._opened:
+            self._pg_call(lb.open)
+        route = lb._router.route(database)
+        read_route = route if route.rollout_from is None else lb._router.read_route(route)
+        state = current_state()
+        if write or self._pg_primary or self._pg_force_primary or state.use_primary:
+            host, kind, reason = route.primary, PRIMARY, "write" if write else "primary_scope"
+        elif not read_route.replicas:
+            host, kind, reason = route.primary, PRIMARY, "no_replicas"
+        else:
+            host, reason = self._pg_replica(route, read_route)
+            kind = REPLICA if host is not route.primary else PRIMARY
+        log_routed(host, reason, route.name)
+        return _Unit(route, host, kind, self._pg_engines.engine(host, route))
+
+    def _pg_replica(self, route: DatabaseRoute, read_route: DatabaseRoute) -> tuple[Host, str]:
+        """A replica that has replayed the context's token, or the primary."""
+        lb = self._pg_lb
+        router = lb._router
+        state = current_state()
+        need = state.token.get(route.name)
+        if need:
+            need = router.required(route, state.token, state.grown_at)
+        excluded = self._pg_excluded
+        if need != UNKNOWN_POSITION:
+            candidates = router.caught_up(read_route, need, None)
+            if excluded:
+                candidates = [h for h in candidates if h not in excluded]
+            if candidates:
+                return candidates[router.next_index(len(candidates))], "replica"
+        # Behind, excluded or unprovable: the balancer's own path (a direct check of
+        # the replicas the cache shows behind, the bounded wait, then the primary).
+        # It checks a connection out; the engine checks one out again.
+        host, conn, reason = self._pg_call(
+            lb._connect_read, read_route, need, None, lb.settings.max_wait, set(excluded)
+        )
+        self._pg_call(lb._checkin, host, conn)
+        return (route.primary if host is read_route.primary else host), reason
+
+    def _pg_call(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Call a balancer method, awaiting it for an asyncio balancer (SQLAlchemy runs
+        an AsyncSession's sync code in a greenlet that may await)."""
+        result = func(*args)
+        return await_only(result) if self._pg_async else result
+
+    def _pg_to_primary(self, unit: _Unit) -> None:
+        """The first write of a transaction that read a replica: end the replica's
+        read-only transaction, and run the rest on the primary."""
+        try:
+            connection = self.connection(bind_arguments={"bind": unit.engine})
+            dbapi = connection.connection.dbapi_connection
+            if dbapi is not None:
+                dbapi.rollback()
+        except Exception as exc:  # the replica's transaction ends with its connection
+            logger.debug("replica_transaction_end_failed error=%s", type(exc).__name__)
+        route = unit.route
+        unit.host, unit.kind = route.primary, PRIMARY
+        unit.engine = self._pg_engines.engine(route.primary, route)
+        log_routed(route.primary, "write", route.name)
+
+    # -- the token after commit, the state after the transaction ------------------------
+
+    def _pg_committed(self) -> None:
+        for unit in self._pg_units.values():
+            if unit.wrote:
+                self._pg_record(unit.route)
+
+    def _pg_record(self, route: DatabaseRoute) -> None:
+        """Advance the context's token to the primary's WAL position now (after the
+        commit): an empty write unit reads it, in autocommit."""
+        lb = self._pg_lb
+        if isinstance(lb, AsyncLoadBalancer):
+            await_only(_arecord(lb, route.name))
+        else:
+            with lb.write(route.name):
+                pass
+
+    def _pg_ended(self) -> None:
+        self._pg_units.clear()
+        self._pg_last = None
+
+    # -- one transparent retry of a read-only transaction ----------------------------------
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pg_retry(super().execute, args, kwargs)
+
+    def scalars(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pg_retry(super().scalars, args, kwargs)
+
+    def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pg_retry(super().scalar, args, kwargs)
+
+    def _pg_retry(self, run: Callable[..., T], args: Any, kwargs: Any) -> T:
+        try:
+            return run(*args, **kwargs)
+        except DBAPIError as exc:
+            unit = self._pg_last
+            error = exc.orig
+            if (
+                unit is None
+                or unit.kind != REPLICA
+                or any(u.wrote for u in self._pg_units.values())
+                or self.new
+                or self.dirty
+                or self.deleted
+                or error is None
+            ):
+                raise
+            refused = standby_refusal(error)
+            if not refused and not (is_connection_error(error) or exc.connection_invalidated):
+                raise
+            host = unit.host
+            if refused:
+                self._pg_force_primary = True  # the primary can run what a standby refused
+                log_fallback(host, error, "standby_refused")
+            else:
+                self._pg_lb._host_failed(host, error)
+                log_fallback(host, error, "replica_failed")
+                self._pg_excluded.add(host)
+        self.rollback()
+        try:
+            return run(*args, **kwargs)
+        finally:
+            self._pg_excluded.clear()
+            self._pg_force_primary = False
+
+
+@event.listens_for(RoutingSession, "after_commit")
+def _after_commit(session: Session) -> None:
+    if isinstance(session, RoutingSession):
+        session._pg_committed()
+
+
+@event.listens_for(RoutingSession, "after_transaction_end")
+def _after_transaction_end(session: Session, transaction: Any) -> None:
+    if isinstance(session, RoutingSession) and transaction.parent is None:
+        session._pg_ended()
+
+
+async def _arecord(lb: AsyncLoadBalancer, database: str) -> None:
+    async with lb.write(database):
+        pass
+
+
+def _table_name(member: Any) -> str:
+    if isinstance(member, str):
+        return member
+    table = getattr(member, "__table__", None)
+    if table is None:
+        raise TypeError(f"databases: expected a table name or a mapped class, got {member!r}")
+    return str(table.name)
+
+
+class AsyncRoutingSession(AsyncSession):
+    """The asyncio :class:`~sqlalchemy.ext.asyncio.AsyncSession` over
+    :class:`RoutingSession`: ``AsyncRoutingSession(lb=alb)`` with an
+    :class:`~pgreplica.AsyncLoadBalancer`, or ``async_sessionmaker(class_=
+    AsyncRoutingSession, lb=alb)``."""
+
+    sync_session_class = RoutingSession

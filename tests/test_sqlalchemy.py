@@ -1,0 +1,329 @@
+"""SQLAlchemy 2 routing sessions on the real cluster: which host each transaction runs
+on (``inet_server_port()``), read-your-writes under replay delay against a control that
+is stale, no transaction split across hosts, failures and refusals retried, logical
+databases, the kill switch, and the asyncio session."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgreplica
+from pgreplica.testing import LocalCluster
+
+sqlalchemy = pytest.importorskip("sqlalchemy", reason="SQLAlchemy is not installed (.[dev])")
+pytest.importorskip("greenlet", reason="greenlet is not installed (sqlalchemy[asyncio])")
+
+from sqlalchemy import String, create_engine, func, select, text, update  # noqa: E402
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker  # noqa: E402
+
+from pgreplica.contrib.sqlalchemy import AsyncRoutingSession, RoutingSession  # noqa: E402
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sa_items (id serial PRIMARY KEY, title text NOT NULL);
+CREATE TABLE IF NOT EXISTS sa_builds (id serial PRIMARY KEY, title text NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS sa_seq;
+CREATE OR REPLACE FUNCTION sa_stable_next() RETURNS bigint LANGUAGE sql STABLE
+AS 'SELECT nextval(''sa_seq'')';
+"""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "sa_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String)
+
+
+class Build(Base):
+    __tablename__ = "sa_builds"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String)
+
+
+@pytest.fixture(scope="module")
+def schema(cluster: LocalCluster) -> None:
+    cluster.execute(0, SCHEMA)
+    cluster.wait_replayed()
+
+
+def ports(cluster: LocalCluster) -> dict[int, str]:
+    return {cluster.port(i): ("primary" if i == 0 else f"replica{i}") for i in range(3)}
+
+
+@pytest.fixture
+def lb(healthy_cluster: LocalCluster, schema: None) -> Iterator[pgreplica.LoadBalancer]:
+    with pgreplica.LoadBalancer(config=healthy_cluster.config()) as balancer, balancer.isolated():
+        yield balancer
+
+
+def server(session: Any, cluster: LocalCluster) -> str:
+    """Where the session's current transaction runs (a Core select: routed as a read)."""
+    return ports(cluster)[session.execute(select(func.inet_server_port())).scalar_one()]
+
+
+def lag(cluster: LocalCluster, delay: str | int) -> None:
+    cluster.lag(1, delay)
+    cluster.lag(2, delay)
+
+
+def test_reads_go_to_replicas_and_writes_to_the_primary(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    seen = set()
+    for _ in range(6):
+        with Session() as session:
+            seen.add(server(session, healthy_cluster))
+    assert seen == {"replica1", "replica2"}, seen
+    with Session() as session:
+        session.add(Item(title="w"))
+        session.flush()
+        assert server(session, healthy_cluster) == "primary"
+        session.commit()
+    with Session() as session:  # locks go to the primary
+        session.execute(select(Item).limit(1).with_for_update()).all()
+        assert server(session, healthy_cluster) == "primary"
+    with Session() as session:  # textual statements are classified
+        session.execute(text("UPDATE sa_items SET title = title WHERE id < 0"))
+        assert server(session, healthy_cluster) == "primary"
+    healthy_cluster.wait_replayed()  # the token of the write above: replicas have it
+    with Session() as session:
+        session.execute(text("SELECT count(*) FROM sa_items")).scalar_one()
+        assert server(session, healthy_cluster) != "primary"
+
+
+def test_read_your_writes_under_lag_and_a_stale_control(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    replica = create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(healthy_cluster.dsn(1))
+    )
+    stale, control_stale, served = 0, 0, []
+    lag(healthy_cluster, "300ms")
+    try:
+        for i in range(10):
+            title = f"ryw-{uuid.uuid4().hex[:8]}-{i}"
+            with Session() as session:
+                item = Item(title=title)
+                session.add(item)
+                session.commit()
+                item_id = item.id
+            with sessionmaker(replica)() as plain:  # the control: no token
+                control_stale += plain.get(Item, item_id) is None
+            with Session() as session:  # the next unit of work of the same context
+                found = session.get(Item, item_id)
+                stale += found is None or found.title != title
+                served.append(server(session, healthy_cluster))
+    finally:
+        lag(healthy_cluster, 0)
+        replica.dispose()
+    assert stale == 0
+    assert control_stale >= 7, control_stale  # the lag is real
+    assert set(served) <= {"primary", "replica1", "replica2"}
+
+
+def test_the_token_lets_caught_up_replicas_serve_the_next_reads(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    with Session() as session:
+        session.add(Item(title="caught-up"))
+        session.commit()
+    assert lb.token().get("main") > 0
+    healthy_cluster.wait_replayed()
+    with Session() as session:
+        assert server(session, healthy_cluster) in ("replica1", "replica2")
+
+
+def test_a_transaction_is_never_split_across_hosts(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """Reads on a replica, then a write: the replica's transaction is ended before the
+    primary's begins, and every statement from the write on runs on the primary, in
+    one transaction."""
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    with Session() as session:
+        item = session.execute(select(Item).limit(1)).scalar_one()
+        where = server(session, healthy_cluster)
+        replica_pid = session.execute(select(func.pg_backend_pid())).scalar_one()
+        assert where.startswith("replica")
+        item.title = "changed"
+        session.flush()  # the write
+        primary_xid = session.execute(text("SELECT pg_current_xact_id()::text")).scalar_one()
+        assert server(session, healthy_cluster) == "primary"
+        assert session.execute(select(func.pg_current_xact_id())).scalar_one() is not None
+        index = int(where[-1])
+        rows = healthy_cluster.execute(
+            index, f"SELECT state FROM pg_stat_activity WHERE pid = {replica_pid}"
+        )
+        assert rows == [("idle",)], rows  # not "idle in transaction"
+        again = session.execute(text("SELECT pg_current_xact_id()::text")).scalar_one()
+        assert again == primary_xid  # one transaction on the primary
+        session.commit()
+
+
+def test_a_replica_that_refuses_is_retried_on_the_primary(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """A function declared STABLE that writes (nextval): read-routed, refused by the
+    standby (25006), run once more on the primary."""
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    before = healthy_cluster.execute(0, "SELECT last_value FROM sa_seq")[0][0]
+    with Session() as session:
+        value = session.execute(select(func.sa_stable_next())).scalar_one()
+        assert server(session, healthy_cluster) == "primary"
+        session.commit()
+    assert value > before or (before == 1 and value == 1)
+
+
+def test_a_killed_replica_gives_no_error(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    errors: list[BaseException] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        with lb.isolated():
+            while not stop.is_set():
+                try:
+                    with Session() as session:
+                        session.execute(select(func.count()).select_from(Item)).scalar_one()
+                        served.append(server(session, healthy_cluster))
+                except BaseException as exc:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    healthy_cluster.kill(1)
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == [], "".join(__import__("traceback").format_exception(errors[0]))
+    assert served.count("replica2") > 0 and len(served) > 20
+
+
+def test_a_hung_replica_gives_no_error(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """A replica that stops answering (SIGSTOP): reads in flight there are cut off when
+    the prober marks it down, and run once more on another host."""
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    healthy_cluster.freeze(1)
+    try:
+        worst = 0.0
+        for _ in range(12):
+            started = time.monotonic()
+            with Session() as session:
+                session.execute(select(func.count()).select_from(Item)).scalar_one()
+                assert server(session, healthy_cluster) in ("replica2", "primary")
+            worst = max(worst, time.monotonic() - started)
+    finally:
+        healthy_cluster.thaw(1)
+    print(f"worst read with a hung replica: {worst:.3f} s")
+
+
+def test_primary_scope_logical_databases_and_the_kill_switch(
+    healthy_cluster: LocalCluster, schema: None
+) -> None:
+    from conftest import two_databases
+
+    with pgreplica.LoadBalancer(config=two_databases(healthy_cluster)) as lb, lb.isolated():
+        Session = sessionmaker(class_=RoutingSession, lb=lb, databases={"ci": [Build]})
+        with Session() as session:  # Item: main reads replica 1; Build: ci reads replica 2
+            session.execute(select(Item).limit(1)).all()
+            session.execute(select(Build).limit(1)).all()
+            assert {u: s.host.label for u, s in session._pg_units.items()} == {
+                None: lb._router.route("main").replicas[0].label,
+                "ci": lb._router.route("ci").replicas[0].label,
+            }
+        with lb.primary(), Session() as session:
+            assert server(session, healthy_cluster) == "primary"
+        with Session(primary=True) as session:
+            assert server(session, healthy_cluster) == "primary"
+        with pytest.raises(pgreplica.ConfigError):
+            RoutingSession(lb=lb, databases={"nope": ["x"]})
+    off = {**healthy_cluster.config(), "enabled": False}
+    with (
+        pgreplica.LoadBalancer(config=off) as lb,
+        lb.isolated(),
+        sessionmaker(class_=RoutingSession, lb=lb)() as session,
+    ):
+        assert server(session, healthy_cluster) == "primary"
+
+
+def test_writes_fail_fast_when_the_primary_is_down(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    healthy_cluster.kill(0)
+    from pgreplica.workload import wait_until
+
+    wait_until(lambda: not lb._router.route(None).primary.up, timeout=15, what="primary down")
+    started = time.monotonic()
+    with Session() as session, pytest.raises(sqlalchemy.exc.OperationalError) as raised:
+        session.add(Item(title="lost"))
+        session.commit()
+    assert isinstance(raised.value.orig, pgreplica.PrimaryUnavailable)  # as SQLAlchemy wraps
+    assert time.monotonic() - started < 5
+    with Session() as session:  # reads still work on the replicas
+        assert server(session, healthy_cluster).startswith("replica")
+
+
+def test_the_asyncio_session(healthy_cluster: LocalCluster, schema: None) -> None:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    async def scenario() -> dict[str, Any]:
+        async with pgreplica.AsyncLoadBalancer(config=healthy_cluster.config()) as alb:
+            Session = async_sessionmaker(class_=AsyncRoutingSession, lb=alb)
+
+            async def where(session: Any) -> str:
+                port = (await session.execute(select(func.inet_server_port()))).scalar_one()
+                return ports(healthy_cluster)[port]
+
+            async with Session() as session:
+                first = await where(session)
+            stale = 0
+            lag(healthy_cluster, "300ms")
+            try:
+                for i in range(5):
+                    title = f"async-{i}"
+                    async with Session() as session:
+                        item = Item(title=title)
+                        session.add(item)
+                        await session.flush()
+                        item_id = item.id
+                        await session.commit()
+                    async with Session() as session:
+                        found = await session.get(Item, item_id)
+                        stale += found is None
+                    async with Session() as session:
+                        await session.execute(
+                            update(Item).where(Item.id == item_id).values(title="x")
+                        )
+                        wrote_on = await where(session)
+                        await session.commit()
+            finally:
+                lag(healthy_cluster, 0)
+            return {"first": first, "stale": stale, "wrote_on": wrote_on}
+
+    outcome = asyncio.run(scenario())
+    assert outcome["first"].startswith("replica")
+    assert outcome["stale"] == 0
+    assert outcome["wrote_on"] == "primary"
