@@ -17,7 +17,7 @@ from types import TracebackType
 from pgreplica._scope import EitherWith
 from pgreplica.lsn import EMPTY_TOKEN, CausalToken
 
-__all__ = ["RouteState", "Scope", "current_state", "record_write"]
+__all__ = ["Collected", "RouteState", "Scope", "collecting", "current_state", "record_write"]
 
 
 class RouteState:
@@ -71,8 +71,51 @@ _STATE: ContextVar[RouteState] = ContextVar("pgreplica_route_state", default=INI
 current_state = _STATE.get
 
 
+class Collected:
+    """What the contexts of one request wrote and read, its child contexts included
+    (threads it hands work to, tasks it starts): their own state changes stay theirs,
+    but this object is shared. See :func:`collecting`."""
+
+    __slots__ = ("read_from", "written")
+
+    def __init__(self) -> None:
+        self.written: CausalToken = EMPTY_TOKEN
+        self.read_from: set[tuple[str, object]] = set()
+
+    def __repr__(self) -> str:
+        return f"Collected(written={str(self.written)!r}, read_from={len(self.read_from)})"
+
+
+_COLLECTED: ContextVar[Collected | None] = ContextVar("pgreplica_collected", default=None)
+
+
+class collecting:
+    """``with collecting() as collected:``: every write committed and every host first
+    read from, in this context or any context started inside, is added to
+    ``collected`` (for web middleware, whose app may run the request's work in a
+    thread pool or in tasks of its own)."""
+
+    __slots__ = ("_collected", "_reset")
+
+    def __init__(self) -> None:
+        self._collected = Collected()
+
+    def __enter__(self) -> Collected:
+        self._reset = _COLLECTED.set(self._collected)
+        return self._collected
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            _COLLECTED.reset(self._reset)
+        except ValueError:  # left from another context than it was entered in
+            _COLLECTED.set(None)
+
+
 def record_write(positions: CausalToken) -> None:
     """The current context committed a write: its reads must now see ``positions``."""
+    collected = _COLLECTED.get()
+    if collected is not None:
+        collected.written = collected.written | positions
     state = _STATE.get()
     _STATE.set(
         RouteState(
@@ -90,6 +133,9 @@ def note_read(state: RouteState, database: str, host: object) -> None:
     """The current context (whose state is ``state``) read ``database`` on ``host``."""
     pair = (database, host)
     if pair not in state.read_from:
+        collected = _COLLECTED.get()
+        if collected is not None:
+            collected.read_from.add(pair)
         _STATE.set(
             RouteState(
                 state.token,

@@ -54,6 +54,7 @@ from sqlalchemy.engine import Engine, create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
@@ -70,7 +71,7 @@ from pgreplica.balancer import (
     log_routed,
     standby_refusal,
 )
-from pgreplica.context import current_state
+from pgreplica.context import current_state, note_read
 from pgreplica.health import Host, error_reason
 from pgreplica.sql import classify
 
@@ -376,6 +377,7 @@ class RoutingSession(Session):
             host, reason = self._pg_replica(route, read_route)
             kind = REPLICA if host is not route.primary else PRIMARY
         log_routed(host, reason, route.name)
+        note_read(state, route.name, host)  # what a job or message enqueued now must see
         return _Unit(route, host, kind, self._pg_engines.engine(host, route))
 
     def _pg_replica(self, route: DatabaseRoute, read_route: DatabaseRoute) -> tuple[Host, str]:
@@ -455,6 +457,11 @@ class RoutingSession(Session):
     def scalar(self, *args: Any, **kwargs: Any) -> Any:
         return self._pg_retry(super().scalar, args, kwargs)
 
+    def _pg_rollback_keeping_loaded(self) -> None:
+        restore = _keep_loaded(self)
+        self.rollback()
+        restore()
+
     def _pg_retry(self, run: Callable[..., T], args: Any, kwargs: Any) -> T:
         try:
             return run(*args, **kwargs)
@@ -482,12 +489,38 @@ class RoutingSession(Session):
                 self._pg_lb._host_failed(host, error)
                 log_fallback(host, error, "replica_failed")
                 self._pg_excluded.add(host)
-        self.rollback()
+        self._pg_rollback_keeping_loaded()
         try:
             return run(*args, **kwargs)
         finally:
             self._pg_excluded.clear()
             self._pg_force_primary = False
+
+
+def _keep_loaded(session: Session) -> Callable[[], None]:
+    """What the objects loaded so far hold, to put back after a rollback (which expires
+    them): the retried statement must not turn objects the caller already has into
+    expired ones (a detached or asyncio caller could not load them again)."""
+    saved = []
+    for state in session.identity_map.all_states():
+        obj = state.obj()
+        if obj is None:
+            continue
+        manager = state.manager
+        values = {}
+        for key, value in state.dict.items():
+            attribute = manager.get(key)
+            if attribute is None:
+                continue
+            values[key] = list(value) if attribute.impl.collection else value
+        saved.append((obj, values))
+
+    def restore() -> None:
+        for obj, values in saved:
+            for key, value in values.items():
+                set_committed_value(obj, key, value)
+
+    return restore
 
 
 @event.listens_for(RoutingSession, "after_commit")

@@ -20,14 +20,12 @@ from typing import Any
 from pgreplica import observe
 from pgreplica.balancer import LSN_SQL, primary_token
 from pgreplica.context import record_write
+from pgreplica.contrib._web import COOKIE, HEADER
 from pgreplica.contrib.django.state import REQUEST, RequestState, integration, track_queries
 from pgreplica.errors import TokenError
 from pgreplica.lsn import CausalToken, parse_lsn
 
 logger = logging.getLogger("pgreplica.django")
-
-COOKIE = "pgreplica_token"
-HEADER = "X-PgReplica-Token"
 
 
 class PgReplicaMiddleware:

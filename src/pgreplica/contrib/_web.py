@@ -1,0 +1,133 @@
+"""What the ASGI and WSGI middleware share: the causal token in and out of a request.
+
+The token travels as in the Django integration, so services behind one domain share
+read-your-writes: an ``X-PgReplica-Token`` request/response header for API clients, and
+a signed cookie ``pgreplica_token`` (HttpOnly, SameSite=Lax, Secure over https) for
+browsers, signed with the same key (Django's ``PGREPLICA["SIGNING_KEY"]`` or
+``SECRET_KEY``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from http.cookies import SimpleCookie
+from typing import Any
+
+from pgreplica.balancer import BalancerBase
+from pgreplica.context import Collected
+from pgreplica.errors import ConfigError, TokenError
+from pgreplica.lsn import EMPTY_TOKEN, CausalToken
+
+logger = logging.getLogger("pgreplica.web")
+
+HEADER = "X-PgReplica-Token"
+COOKIE = "pgreplica_token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+Identify = Callable[[Any], Any]
+
+
+class TokenExchange:
+    """Reads the token a request carries and writes the one its response returns."""
+
+    def __init__(
+        self,
+        lb: BalancerBase,
+        key: bytes | str,
+        *,
+        header: str = HEADER,
+        cookie: str = COOKIE,
+        safe_methods: Collection[str] = SAFE_METHODS,
+    ) -> None:
+        if not isinstance(lb, BalancerBase):
+            raise TypeError(f"lb must be a LoadBalancer or AsyncLoadBalancer, got {lb!r}")
+        if not key or not isinstance(key, (str, bytes)):
+            raise ConfigError("key", "a non-empty signing key (str or bytes) is required")
+        self.lb = lb
+        self.key = key
+        self.header = header
+        self.header_lower = header.lower()
+        self.cookie = cookie
+        self.safe_methods = frozenset(m.upper() for m in safe_methods)
+        self.cookie_max_age = int(max(2 * lb.settings.max_lag_seconds, 60))
+
+    def incoming(self, header: str | None, cookie_header: str | None) -> CausalToken:
+        """The token of the header and of the cookie, merged; a bad one is logged
+        (``pgreplica_token_rejected``) and ignored."""
+        token = EMPTY_TOKEN
+        for text in (header, cookie_value(cookie_header, self.cookie)):
+            if not text:
+                continue
+            try:
+                token = token | CausalToken.verify(text, self.key)
+            except TokenError as exc:
+                logger.info("pgreplica_token_rejected reason=%s", exc)
+        return token
+
+    def outgoing(self, token: CausalToken, *, secure: bool) -> list[tuple[str, str]]:
+        """The response headers that return ``token``: the header and the cookie."""
+        signed = token.sign(self.key)
+        morsel = SimpleCookie()
+        morsel[self.cookie] = signed
+        item = morsel[self.cookie]
+        item["max-age"] = self.cookie_max_age
+        item["path"] = "/"
+        item["httponly"] = True
+        item["samesite"] = "Lax"
+        if secure:
+            item["secure"] = True
+        return [(self.header, signed), ("Set-Cookie", item.OutputString())]
+
+    def databases_read_on_primary(self, collected: Collected) -> list[str]:
+        """Databases the request read on their primary but did not write: the next
+        request must not see older data there (monotonic reads)."""
+        router = self.lb._router
+        names = []
+        for database, host in collected.read_from:
+            route = router.databases.get(database)
+            if (
+                route is not None
+                and host is route.primary
+                and not collected.written.get(database)
+                and database not in names
+            ):
+                names.append(database)
+        return names
+
+
+def cookie_value(cookie_header: str | None, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` header (quotes removed, as the
+    cookie Django sets for a token is quoted)."""
+    if not cookie_header:
+        return None
+    for part in cookie_header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
+    return None
+
+
+def sticking_for(spec: Any, lb: BalancerBase, *, asynchronous: bool) -> Any:
+    """``None``, ``"memory"``, a ``redis://`` URL, or a ready ``Sticking`` /
+    ``AsyncSticking``."""
+    if spec is None or not isinstance(spec, str):
+        return spec
+    from pgreplica import sticking
+
+    if spec == "memory":
+        store: Any = sticking.MemoryStickingStore()
+    elif spec.startswith(("redis://", "rediss://", "unix://")):
+        store = (
+            sticking.AsyncRedisStickingStore(spec)
+            if asynchronous
+            else sticking.RedisStickingStore(spec)
+        )
+    else:
+        raise ConfigError("sticking", "expected 'memory', a redis:// URL or a Sticking object")
+    if asynchronous:
+        return sticking.AsyncSticking(lb, store)
+    return sticking.Sticking(lb, store)
