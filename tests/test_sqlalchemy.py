@@ -327,3 +327,72 @@ def test_the_asyncio_session(healthy_cluster: LocalCluster, schema: None) -> Non
     assert outcome["first"].startswith("replica")
     assert outcome["stale"] == 0
     assert outcome["wrote_on"] == "primary"
+
+
+def test_bad_balancers_are_named() -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    with pytest.raises(TypeError, match="lb=LoadBalancer or AsyncLoadBalancer, got str"):
+        RoutingSession(lb="postgresql://x")  # type: ignore[arg-type]
+    with pgreplica.LoadBalancer(config={"databases": {"main": {"primary": "host=h"}}}) as lb:
+        with pytest.raises(TypeError, match="needs lb=AsyncLoadBalancer, got LoadBalancer"):
+            AsyncRoutingSession(lb=lb)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="table name or a mapped class"):
+            RoutingSession(lb=lb, databases={"main": [42]})
+    assert issubclass(AsyncRoutingSession, AsyncSession)
+
+
+def _forked_worker(lb: pgreplica.LoadBalancer, port_roles: dict[int, str], out: Any) -> None:
+    """In a forked child: write, then read the write back, through sessions whose
+    engines the parent made before the fork."""
+    Session = sessionmaker(class_=RoutingSession, lb=lb, expire_on_commit=False)
+    try:
+        with lb.isolated():
+            results = []
+            for i in range(5):
+                with Session() as session:
+                    item = Item(title=f"forked-{i}")
+                    session.add(item)
+                    session.commit()
+                with Session() as session:
+                    found = session.get(Item, item.id)
+                    port = session.execute(select(func.inet_server_port())).scalar_one()
+                    results.append((found is not None, port_roles[port]))
+        out.put(results)
+    except BaseException as exc:  # reported to the parent, which fails the test
+        out.put(repr(exc))
+
+
+def test_sessions_keep_working_in_forked_workers(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """A pre-forking server: the parent used the sessions (engines made, pools open),
+    then forks; each child writes and reads its writes, under lag."""
+    import multiprocessing
+
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    with Session() as session:
+        server(session, healthy_cluster)
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    lag(healthy_cluster, "300ms")
+    try:
+        workers = [
+            context.Process(target=_forked_worker, args=(lb, ports(healthy_cluster), out))
+            for _ in range(2)
+        ]
+        for worker in workers:
+            worker.start()
+        results = [out.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=30)
+    finally:
+        lag(healthy_cluster, 0)
+        out.close()
+        out.join_thread()
+    for result in results:
+        assert isinstance(result, list), result
+        assert all(found for found, _ in result), result
+    assert [w.exitcode for w in workers] == [0, 0]
+    with Session() as session:  # and the parent still works
+        assert server(session, healthy_cluster) in ("primary", "replica1", "replica2")

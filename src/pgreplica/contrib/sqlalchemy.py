@@ -42,7 +42,6 @@ Tables (or mapped classes) may belong to other logical databases of the configur
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -62,6 +61,7 @@ from sqlalchemy.util import await_only
 
 from pgreplica._balancer_async import AsyncLoadBalancer
 from pgreplica._balancer_sync import LoadBalancer
+from pgreplica._fork import ForkSafeLock
 from pgreplica.balancer import (
     CHECKOUT_ERRORS,
     UNKNOWN_POSITION,
@@ -132,7 +132,7 @@ class _Engines:
         self.lb = lb
         self.options = dict(options)
         self._engines: dict[Host, Engine] = {}
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def engine(self, host: Host, route: DatabaseRoute) -> Engine:
         engine = self._engines.get(host)
@@ -227,7 +227,7 @@ async def _acheckout(lb: AsyncLoadBalancer, host: Host) -> Any:
 
 
 _ENGINES: weakref.WeakKeyDictionary[Any, _Engines] = weakref.WeakKeyDictionary()
-_ENGINES_LOCK = threading.Lock()
+_ENGINES_LOCK = ForkSafeLock()
 
 
 def _engines_of(lb: Balancer, options: Mapping[str, Any] | None = None) -> _Engines:
@@ -556,3 +556,11 @@ class AsyncRoutingSession(AsyncSession):
     AsyncRoutingSession, lb=alb)``."""
 
     sync_session_class = RoutingSession
+
+    def __init__(self, *args: Any, lb: AsyncLoadBalancer, **kwargs: Any) -> None:
+        if not isinstance(lb, AsyncLoadBalancer):
+            raise TypeError(
+                f"AsyncRoutingSession needs lb=AsyncLoadBalancer, got {type(lb).__name__}"
+                " (a LoadBalancer goes with RoutingSession)"
+            )
+        super().__init__(*args, lb=lb, **kwargs)
