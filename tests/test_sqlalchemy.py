@@ -396,3 +396,53 @@ def test_sessions_keep_working_in_forked_workers(
     assert [w.exitcode for w in workers] == [0, 0]
     with Session() as session:  # and the parent still works
         assert server(session, healthy_cluster) in ("primary", "replica1", "replica2")
+
+
+def test_concurrent_commits_never_wait_for_a_second_primary_connection(
+    healthy_cluster: LocalCluster, schema: None
+) -> None:
+    """More sessions commit at once than the primary's pool holds: each reads the
+    position after its commit on its own connection, so none waits for another."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    config = {**healthy_cluster.config(), "pool_max_size": 2}
+    with pgreplica.LoadBalancer(config=config) as lb:
+        Session = sessionmaker(class_=RoutingSession, lb=lb)
+        barrier = threading.Barrier(2)  # both hold one of the pool's two connections
+        errors: list[BaseException] = []
+        tokens: list[int] = []
+
+        def writer() -> None:
+            try:
+                with lb.isolated(), Session() as session:
+                    session.add(Item(title="concurrent"))
+                    session.flush()
+                    barrier.wait(timeout=10)
+                    session.commit()
+                    tokens.append(lb.token().get("main"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == [], errors
+        assert len(tokens) == 2 and all(t > 0 for t in tokens)
+
+    async def scenario() -> list[Any]:
+        async with pgreplica.AsyncLoadBalancer(config=config) as alb:
+            Session = async_sessionmaker(class_=AsyncRoutingSession, lb=alb)
+
+            async def one() -> int:
+                with alb.isolated():
+                    async with Session() as session:
+                        session.add(Item(title="concurrent-async"))
+                        await session.commit()
+                    return alb.token().get("main")
+
+            return await asyncio.gather(*(one() for _ in range(6)), return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, int) and r > 0 for r in results), results

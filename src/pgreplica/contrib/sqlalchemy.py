@@ -64,11 +64,13 @@ from pgreplica._balancer_sync import LoadBalancer
 from pgreplica._fork import ForkSafeLock
 from pgreplica.balancer import (
     CHECKOUT_ERRORS,
+    LSN_SQL,
     UNKNOWN_POSITION,
     DatabaseRoute,
     is_connection_error,
     log_fallback,
     log_routed,
+    record_commit,
     standby_refusal,
 )
 from pgreplica.context import current_state, note_read
@@ -313,6 +315,7 @@ class RoutingSession(Session):
             for member in members:
                 self._pg_tables[_table_name(member)] = name
         self._pg_units: dict[str | None, _Unit] = {}
+        self._pg_connections: dict[Engine, Any] = {}
         self._pg_last: _Unit | None = None
         self._pg_excluded: set[Host] = set()
         self._pg_force_primary = False
@@ -430,20 +433,24 @@ class RoutingSession(Session):
     def _pg_committed(self) -> None:
         for unit in self._pg_units.values():
             if unit.wrote:
-                self._pg_record(unit.route)
+                self._pg_record(unit)
 
-    def _pg_record(self, route: DatabaseRoute) -> None:
-        """Advance the context's token to the primary's WAL position now (after the
-        commit): an empty write unit reads it, in autocommit."""
-        lb = self._pg_lb
-        if isinstance(lb, AsyncLoadBalancer):
-            await_only(_arecord(lb, route.name))
-        else:
-            with lb.write(route.name):
-                pass
+    def _pg_record(self, unit: _Unit) -> None:
+        """Advance the context's token to the primary's WAL position after the commit,
+        read on the transaction's own connection (still checked out, idle): one round
+        trip, and no second connection to wait for while holding one."""
+        connection = self._pg_connections.get(unit.engine)
+        if connection is None:
+            return  # nothing ran on the primary: nothing committed there
+        dbapi = connection.connection.dbapi_connection
+        raw = getattr(dbapi, "_connection", dbapi)  # unwrap asyncio's adapter
+        row = await_only(_aposition(raw)) if self._pg_async else _position(raw)
+        # None: the position is unknown; reads go to the primary until a probe bounds it
+        record_commit(unit.route, row)
 
     def _pg_ended(self) -> None:
         self._pg_units.clear()
+        self._pg_connections.clear()
         self._pg_last = None
 
     # -- one transparent retry of a read-only transaction ----------------------------------
@@ -535,9 +542,34 @@ def _after_transaction_end(session: Session, transaction: Any) -> None:
         session._pg_ended()
 
 
-async def _arecord(lb: AsyncLoadBalancer, database: str) -> None:
-    async with lb.write(database):
-        pass
+@event.listens_for(RoutingSession, "after_begin")
+def _after_begin(session: Session, transaction: Any, connection: Any) -> None:
+    if isinstance(session, RoutingSession):
+        session._pg_connections[connection.engine] = connection
+
+
+def _position(raw: Any) -> Any:
+    """The primary's WAL position now, in autocommit (no BEGIN, nothing to roll back)."""
+    try:
+        raw.autocommit = True
+        try:
+            return raw.execute(LSN_SQL).fetchone()
+        finally:
+            raw.autocommit = False
+    except psycopg.Error:
+        return None
+
+
+async def _aposition(raw: Any) -> Any:
+    try:
+        await raw.set_autocommit(True)
+        try:
+            cursor = await raw.execute(LSN_SQL)
+            return await cursor.fetchone()
+        finally:
+            await raw.set_autocommit(False)
+    except psycopg.Error:
+        return None
 
 
 def _table_name(member: Any) -> str:
