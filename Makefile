@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python -m bench.routing
 	$(BIN)/python -m bench.classify
 	$(BIN)/python -m bench.dump
+	$(BIN)/python -m bench.sqlalchemy_session
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache

@@ -6,6 +6,7 @@ databases, the kill switch, and the asyncio session."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -30,6 +31,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sa_items (id serial PRIMARY KEY, title text NOT NULL);
 CREATE TABLE IF NOT EXISTS sa_builds (id serial PRIMARY KEY, title text NOT NULL);
 CREATE SEQUENCE IF NOT EXISTS sa_seq;
+CREATE OR REPLACE FUNCTION sa_notice() RETURNS int LANGUAGE plpgsql STABLE
+AS $$ BEGIN RAISE NOTICE 'sa-notice'; RETURN 1; END $$;
 CREATE OR REPLACE FUNCTION sa_stable_next() RETURNS bigint LANGUAGE sql STABLE
 AS 'SELECT nextval(''sa_seq'')';
 """
@@ -446,3 +449,23 @@ def test_concurrent_commits_never_wait_for_a_second_primary_connection(
 
     results = asyncio.run(scenario())
     assert all(isinstance(r, int) and r > 0 for r in results), results
+
+
+def test_a_pooled_connection_does_not_collect_sqlalchemy_hooks(
+    healthy_cluster: LocalCluster, schema: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each session checks a connection out of the balancer's pool, which SQLAlchemy
+    sees as a new connection: its per-connection hooks (a notice handler) must not
+    pile up on the pooled connection (a notice was logged once per earlier use)."""
+    config = {**healthy_cluster.config(), "pool_max_size": 1}
+    with pgreplica.LoadBalancer(config=config) as lb, lb.isolated():
+        Session = sessionmaker(class_=RoutingSession, lb=lb)
+        for _ in range(20):
+            with Session() as session:
+                session.execute(select(func.count()).select_from(Item)).scalar_one()
+        with (
+            caplog.at_level(logging.INFO, logger="sqlalchemy.dialects.postgresql"),
+            Session() as session,
+        ):
+            session.execute(select(func.sa_notice())).scalar_one()
+    assert caplog.text.count("sa-notice") == 1, caplog.text[-500:]

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.pq import TransactionStatus
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import psycopg as _sa_psycopg
 from sqlalchemy.engine import Engine, create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -101,6 +102,7 @@ class _LentPool(NullPool):
     def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
         lb, host = self._pgreplica
         raw = getattr(connection, "_connection", connection)  # unwrap asyncio's adapter
+        _forget_sqlalchemy_hooks(raw)
         if isinstance(lb, AsyncLoadBalancer):
             await_only(_acheckin(lb, host, raw, terminate))
         else:
@@ -116,6 +118,20 @@ class _LentPool(NullPool):
         assert isinstance(pool, _LentPool)
         pool._pgreplica = self._pgreplica
         return pool
+
+
+def _forget_sqlalchemy_hooks(raw: Any) -> None:
+    """Undo what SQLAlchemy's psycopg dialect does to each connection it sees connect
+    (a notice handler): the connection goes back to the balancer's pool, and comes
+    back as a "new" connection, which would otherwise collect one handler per use."""
+    handler = getattr(_sa_psycopg, "_log_notices", None)
+    if handler is None:
+        return
+    while True:
+        try:
+            raw.remove_notice_handler(handler)
+        except ValueError:  # none left
+            return
 
 
 async def _acheckin(lb: AsyncLoadBalancer, host: Host, raw: Any, terminate: bool) -> None:
