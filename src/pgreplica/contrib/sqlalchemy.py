@@ -65,6 +65,7 @@ from pgreplica._balancer_sync import LoadBalancer
 from pgreplica._fork import ForkSafeLock
 from pgreplica.balancer import (
     CHECKOUT_ERRORS,
+    COMMIT_SQL,
     LSN_SQL,
     UNKNOWN_POSITION,
     DatabaseRoute,
@@ -87,6 +88,7 @@ Balancer = LoadBalancer | AsyncLoadBalancer
 PRIMARY = "primary"
 REPLICA = "replica"
 IDLE = TransactionStatus.IDLE
+INTRANS = TransactionStatus.INTRANS
 
 
 # -- engines: one per host, over the balancer's pools ------------------------------------
@@ -101,7 +103,7 @@ class _LentPool(NullPool):
 
     def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
         lb, host = self._pgreplica
-        raw = getattr(connection, "_connection", connection)  # unwrap asyncio's adapter
+        raw = _raw(connection)
         _forget_sqlalchemy_hooks(raw)
         if isinstance(lb, AsyncLoadBalancer):
             await_only(_acheckin(lb, host, raw, terminate))
@@ -209,6 +211,8 @@ class _Engines:
         dialect = engine.dialect
         # The end of a read-only transaction on a replica that died meanwhile: nothing
         # was written, so nothing is lost; the reads already returned. Not an error.
+        asynchronous = isinstance(lb, AsyncLoadBalancer)
+        dialect.do_commit = _commit_reading_position(dialect.do_commit, asynchronous)  # type: ignore[method-assign]
         for name in ("do_commit", "do_rollback"):
             setattr(dialect, name, _read_only_tolerant(getattr(dialect, name), lb, host))
         return engine
@@ -220,12 +224,51 @@ class _Engines:
             engine.dispose()
 
 
+#: The WAL position read in the same round trip as a read-write transaction's COMMIT,
+#: per connection, until the session that committed takes it (:meth:`_pg_record`).
+_COMMITTED_AT: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _commit_reading_position(commit: Callable[[Any], None], asynchronous: bool) -> Any:
+    """COMMIT and read the WAL position after it in one round trip, as ``lb.write()``
+    does (the position is at or past the commit record: a replica that replayed it has
+    the transaction). Read-only transactions (replicas) and idle connections commit as
+    SQLAlchemy would."""
+
+    def call(dbapi_connection: Any) -> None:
+        raw = _raw(dbapi_connection)
+        if raw.read_only or raw.info.transaction_status != INTRANS:
+            commit(dbapi_connection)
+            return
+        _COMMITTED_AT[raw] = await_only(_acommit(raw)) if asynchronous else _commit(raw)
+
+    return call
+
+
+def _raw(connection: Any) -> Any:
+    """The psycopg connection behind SQLAlchemy's pooled proxy and asyncio adapter."""
+    connection = getattr(connection, "dbapi_connection", connection)
+    return getattr(connection, "_connection", connection)
+
+
+def _commit(raw: Any) -> Any:
+    cursor = raw.execute(COMMIT_SQL)
+    cursor.nextset()  # past COMMIT's result to the SELECT's
+    return cursor.fetchone()
+
+
+async def _acommit(raw: Any) -> Any:
+    cursor = await raw.execute(COMMIT_SQL)
+    cursor.nextset()
+    return await cursor.fetchone()
+
+
 def _read_only_tolerant(end: Callable[[Any], None], lb: Balancer, host: Host) -> Any:
     def call(dbapi_connection: Any) -> None:
         try:
             end(dbapi_connection)
         except psycopg.Error as exc:
-            raw = getattr(dbapi_connection, "_connection", dbapi_connection)
+            raw = _raw(dbapi_connection)
             if not (raw.read_only and is_connection_error(exc)):
                 raise
             lb._host_failed(host, exc)
@@ -453,14 +496,15 @@ class RoutingSession(Session):
 
     def _pg_record(self, unit: _Unit) -> None:
         """Advance the context's token to the primary's WAL position after the commit,
-        read on the transaction's own connection (still checked out, idle): one round
-        trip, and no second connection to wait for while holding one."""
+        read with the COMMIT (or else on the transaction's own connection, still
+        checked out): no second connection to wait for while holding one."""
         connection = self._pg_connections.get(unit.engine)
         if connection is None:
             return  # nothing ran on the primary: nothing committed there
-        dbapi = connection.connection.dbapi_connection
-        raw = getattr(dbapi, "_connection", dbapi)  # unwrap asyncio's adapter
-        row = await_only(_aposition(raw)) if self._pg_async else _position(raw)
+        raw = _raw(connection.connection)
+        row = _COMMITTED_AT.pop(raw, None)
+        if row is None:  # committed another way: ask now
+            row = await_only(_aposition(raw)) if self._pg_async else _position(raw)
         # None: the position is unknown; reads go to the primary until a probe bounds it
         record_commit(unit.route, row)
 
