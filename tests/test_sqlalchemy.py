@@ -31,6 +31,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS sa_items (id serial PRIMARY KEY, title text NOT NULL);
 CREATE TABLE IF NOT EXISTS sa_builds (id serial PRIMARY KEY, title text NOT NULL);
 CREATE SEQUENCE IF NOT EXISTS sa_seq;
+CREATE OR REPLACE FUNCTION sa_add(t text) RETURNS int LANGUAGE sql VOLATILE
+AS 'INSERT INTO sa_items (title) VALUES (t) RETURNING id';
 CREATE OR REPLACE FUNCTION sa_notice() RETURNS int LANGUAGE plpgsql STABLE
 AS $$ BEGIN RAISE NOTICE 'sa-notice'; RETURN 1; END $$;
 CREATE OR REPLACE FUNCTION sa_stable_next() RETURNS bigint LANGUAGE sql STABLE
@@ -458,6 +460,8 @@ def test_a_pooled_connection_does_not_collect_sqlalchemy_hooks(
     sees as a new connection: its per-connection hooks (a notice handler) must not
     pile up on the pooled connection (a notice was logged once per earlier use)."""
     config = {**healthy_cluster.config(), "pool_max_size": 1}
+    notices = logging.getLogger("sqlalchemy.dialects.postgresql")
+    disabled, notices.disabled = notices.disabled, False  # dictConfig elsewhere may disable it
     with pgreplica.LoadBalancer(config=config) as lb, lb.isolated():
         Session = sessionmaker(class_=RoutingSession, lb=lb)
         for _ in range(20):
@@ -468,4 +472,94 @@ def test_a_pooled_connection_does_not_collect_sqlalchemy_hooks(
             Session() as session,
         ):
             session.execute(select(func.sa_notice())).scalar_one()
+    notices.disabled = disabled
     assert caplog.text.count("sa-notice") == 1, caplog.text[-500:]
+
+
+def test_savepoints_after_a_replica_read_and_their_token(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """A savepoint opened after reads on a replica: its write goes to the primary and
+    is released there; releasing it records no position (the transaction has not
+    committed), the outer commit does."""
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    with Session() as session:
+        assert server(session, healthy_cluster).startswith("replica")
+        with session.begin_nested():
+            session.add(Item(title="nested"))
+        assert not lb.token()  # released, not committed
+        nested = session.begin_nested()
+        session.add(Item(title="rolled back"))
+        session.flush()
+        nested.rollback()
+        session.commit()
+    token = lb.token().get("main")
+    assert 0 < token < pgreplica.parse_lsn("FFFFFFFF/0")
+    rows = healthy_cluster.execute(
+        0,
+        "SELECT count(*) FILTER (WHERE title = 'nested'), count(*) FILTER"
+        " (WHERE title = 'rolled back') FROM sa_items",
+    )
+    assert rows[0][0] >= 1 and rows[0][1] == 0
+
+
+def test_a_refused_write_retried_on_the_primary_advances_the_token(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """select(volatile_function()) is routed as a read; the standby refuses it (25006);
+    it runs again on the primary, where it writes: the commit must advance the token."""
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    stale = 0
+    lag(healthy_cluster, "300ms")
+    try:
+        for i in range(5):
+            with lb.isolated():
+                with Session() as session:
+                    new_id = session.execute(select(func.sa_add(f"refused-{i}"))).scalar_one()
+                    session.commit()
+                assert lb.token().get("main") > 0
+                with Session() as session:
+                    stale += session.get(Item, new_id) is None
+    finally:
+        lag(healthy_cluster, 0)
+    assert stale == 0
+
+
+def test_text_reads_with_bound_parameters_go_to_replicas(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    with Session() as session:
+        port = session.execute(
+            text("SELECT inet_server_port() FROM sa_items WHERE id > :i LIMIT 1"), {"i": 0}
+        ).scalar_one()
+        assert ports(healthy_cluster)[port].startswith("replica")
+        cast = session.execute(text("SELECT CAST(:v AS int) + 1"), {"v": "41"}).scalar_one()
+        assert cast == 42
+
+
+def test_a_second_database_sharing_the_held_primary_takes_no_second_connection(
+    healthy_cluster: LocalCluster, schema: None
+) -> None:
+    """main wrote (the transaction holds the primary's only pooled connection); a read
+    of ci, whose replica is behind, falls back to that same primary connection."""
+    from conftest import two_databases
+
+    config = two_databases(healthy_cluster, pool_max_size=1)
+    with pgreplica.LoadBalancer(config=config) as lb, lb.isolated():
+        Session = sessionmaker(class_=RoutingSession, lb=lb, databases={"ci": [Build]})
+        healthy_cluster.lag(2, "300ms")
+        try:
+            with Session() as session:
+                session.add(Item(title="x"))
+                session.commit()
+            started = time.monotonic()
+            with Session() as session:
+                session.add(Item(title="y"))
+                session.flush()
+                session.execute(select(func.count()).select_from(Build)).scalar_one()
+                assert session._pg_units["ci"].host is lb._router.route("ci").primary
+                session.commit()
+            assert time.monotonic() - started < lb.settings.connect_timeout
+        finally:
+            healthy_cluster.lag(2, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -378,3 +379,31 @@ def test_tokens_cross_between_django_and_asgi_cookies() -> None:
         assert parse_cookie(set_cookie.split(";")[0])[COOKIE] == signed
         with pytest.raises(pgreplica.ConfigError, match="key"):
             TokenExchange(lb, "")
+
+
+def test_a_token_beyond_the_primary_is_not_adopted_nor_returned(
+    alb: pgreplica.AsyncLoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """A signed token whose position the primary never reached (a failed position read,
+    a key shared with another cluster): once the primary was probed after its signing
+    time it is dropped, so the client neither waits nor reads the primary forever."""
+    app = starlette_app(alb)
+    far = pgreplica.CausalToken.from_dict({"main": "FF/0"})
+    signed = far.sign(KEY, issued_at=time.time() - 5)
+
+    async def scenario() -> list[Any]:
+        async with client(app) as web:
+            created = await web.post("/items", json={"title": "far"})
+            item = f"/items/{created.json()['id']}"
+            healthy_cluster.wait_replayed()
+            web.cookies.clear()
+            responses = []
+            for _ in range(3):
+                shown = await web.get(item, headers={"X-PgReplica-Token": signed})
+                responses.append((shown.json(), shown.headers.get("x-pgreplica-token")))
+            return responses
+
+    for body, returned in run(alb, scenario):
+        assert returned is None  # not re-signed
+        assert body["token"] == ""  # not adopted
+        assert role(healthy_cluster, body["port"]).startswith("replica")

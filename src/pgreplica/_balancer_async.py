@@ -444,7 +444,22 @@ class AsyncLoadBalancer(BalancerBase):
         max_wait: float,
         excluded: set[Host],
     ) -> tuple[Host, AConn, str]:
-        """Pick and check out the connection for a read: (host, connection, reason).
+        """Pick and check out the connection for a read: (host, connection, reason)."""
+        host, conn, reason = await self._pick_read(route, need, max_staleness, max_wait, excluded)
+        if conn is None:
+            conn = await self._primary_for_read(route, reason)
+        return host, conn, reason
+
+    async def _pick_read(
+        self,
+        route: DatabaseRoute,
+        need: int,
+        max_staleness: float | None,
+        max_wait: float,
+        excluded: set[Host],
+    ) -> tuple[Host, AConn | None, str]:
+        """:meth:`_connect_read`, except that a read that falls back to the primary
+        gets no connection (None): the caller makes its own, or holds one already.
 
         Each replica is tried at most once per call (``excluded`` grows), so a read
         never loops over hosts whose pools cannot hand out a connection."""
@@ -502,7 +517,7 @@ class AsyncLoadBalancer(BalancerBase):
             log_no_replica_caught_up(route, need)
         if deadline is not None and WATCH.on:
             _waited(route, deadline - max_wait, caught_up=False)
-        return route.primary, await self._primary_for_read(route, reason), reason
+        return route.primary, None, reason
 
     async def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
         return await self._primary_conn(route, read_reason=reason)

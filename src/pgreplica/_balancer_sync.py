@@ -378,7 +378,22 @@ class LoadBalancer(BalancerBase):
         max_wait: float,
         excluded: set[Host],
     ) -> tuple[Host, AConn, str]:
-        """Pick and check out the connection for a read: (host, connection, reason).
+        """Pick and check out the connection for a read: (host, connection, reason)."""
+        host, conn, reason = self._pick_read(route, need, max_staleness, max_wait, excluded)
+        if conn is None:
+            conn = self._primary_for_read(route, reason)
+        return host, conn, reason
+
+    def _pick_read(
+        self,
+        route: DatabaseRoute,
+        need: int,
+        max_staleness: float | None,
+        max_wait: float,
+        excluded: set[Host],
+    ) -> tuple[Host, AConn | None, str]:
+        """:meth:`_connect_read`, except that a read that falls back to the primary
+        gets no connection (None): the caller makes its own, or holds one already.
 
         Each replica is tried at most once per call (``excluded`` grows), so a read
         never loops over hosts whose pools cannot hand out a connection."""
@@ -436,7 +451,7 @@ class LoadBalancer(BalancerBase):
             log_no_replica_caught_up(route, need)
         if deadline is not None and WATCH.on:
             _waited(route, deadline - max_wait, caught_up=False)
-        return route.primary, self._primary_for_read(route, reason), reason
+        return route.primary, None, reason
 
     def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
         return self._primary_conn(route, read_reason=reason)

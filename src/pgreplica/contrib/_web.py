@@ -10,6 +10,7 @@ browsers, signed with the same key (Django's ``PGREPLICA["SIGNING_KEY"]`` or
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection
 from http.cookies import SimpleCookie
 from typing import Any
@@ -60,10 +61,40 @@ class TokenExchange:
             if not text:
                 continue
             try:
-                token = token | CausalToken.verify(text, self.key)
+                verified = CausalToken.verify(text, self.key)
             except TokenError as exc:
                 logger.info("pgreplica_token_rejected reason=%s", exc)
+                continue
+            issued = int(text.rsplit(".", 2)[1])  # verify() checked it is there
+            token = token | self.bounded(verified, issued)
         return token
+
+    def bounded(self, token: CausalToken, issued: float) -> CausalToken:
+        """``token`` without the positions its primary, probed after the token was
+        signed (``issued``, Unix seconds), has not reached: a position that was never
+        this primary's (a failed position read, another cluster, a forgery) would
+        otherwise make every request of the client wait for replicas and read the
+        primary, and come back re-signed. The signer read each position after its
+        commit, so a primary probed since then has reached every genuine one."""
+        router = self.lb._router
+        offset = time.time() - time.monotonic()  # wall clock = monotonic + offset
+        dropped = []
+        for name, position in token.items():
+            route = router.databases.get(name)
+            if route is None:
+                continue  # another service's database: kept, it is not ours to judge
+            primary = route.primary
+            if (
+                primary.probed_at is not None
+                and primary.probe_started_at + offset > issued
+                and position > primary.replay_lsn
+                and primary.replay_lsn
+            ):
+                dropped.append(name)
+        if not dropped:
+            return token
+        logger.info("pgreplica_token_bounded databases=%s", ",".join(dropped))
+        return token.only(n for n, _ in token.items() if n not in dropped)
 
     def outgoing(self, token: CausalToken, *, secure: bool) -> list[tuple[str, str]]:
         """The response headers that return ``token``: the header and the cookie."""

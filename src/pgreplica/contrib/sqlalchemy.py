@@ -42,6 +42,7 @@ Tables (or mapped classes) may belong to other logical databases of the configur
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -312,6 +313,10 @@ def engine_for(lb: Balancer, host: Host, database: str | None = None) -> Engine:
 # -- the session ---------------------------------------------------------------------------
 
 
+class _KeepOpen(Exception):
+    """The replica's transaction has a savepoint: leave it to SQLAlchemy."""
+
+
 class _Unit:
     """Where one logical database's part of the current transaction runs."""
 
@@ -325,6 +330,10 @@ class _Unit:
         self.wrote = False
 
 
+#: A bound parameter of text(): ``:name``, not ``::type`` nor ``\:`` (SQLAlchemy's rule).
+_PLACEHOLDER = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+
+
 def _writes(clause: Any) -> bool:
     """Whether a statement must run on the primary. ``None`` (``session.connection()``,
     a flush) may be anything: the primary."""
@@ -333,7 +342,8 @@ def _writes(clause: Any) -> bool:
     if isinstance(clause, TextualSelect):  # text(...).columns(...)
         clause = clause.element
     if isinstance(clause, TextClause):
-        return not classify(clause.text).replica
+        # SQLAlchemy's :name placeholders, in the driver's style the classifier reads
+        return not classify(_PLACEHOLDER.sub(r"%(\1)s", clause.text)).replica
     if getattr(clause, "is_select", False):
         return getattr(clause, "_for_update_arg", None) is not None  # a lock
     return True  # DML, DDL, anything else
@@ -378,6 +388,7 @@ class RoutingSession(Session):
         self._pg_last: _Unit | None = None
         self._pg_excluded: set[Host] = set()
         self._pg_force_primary = False
+        self._pg_nested = False
 
     # SQLAlchemy asks for a bind before each statement of a transaction and at flush.
     def get_bind(
@@ -393,7 +404,8 @@ class RoutingSession(Session):
         if bind is not None:
             return bind
         database = self._pg_database(mapper, clause)
-        write = self._flushing or _writes(clause)
+        # A statement a standby refused, run again on the primary, may write there.
+        write = self._flushing or self._pg_force_primary or _writes(clause)
         unit = self._pg_units.get(database)
         if unit is None:
             unit = self._pg_units[database] = self._pg_begin(database, write)
@@ -459,11 +471,13 @@ class RoutingSession(Session):
                 return candidates[router.next_index(len(candidates))], "replica"
         # Behind, excluded or unprovable: the balancer's own path (a direct check of
         # the replicas the cache shows behind, the bounded wait, then the primary).
-        # It checks a connection out; the engine checks one out again.
+        # A replica it checks out is given back (the engine checks one out again); the
+        # primary is not checked out at all: this transaction may hold its connection.
         host, conn, reason = self._pg_call(
-            lb._connect_read, read_route, need, None, lb.settings.max_wait, set(excluded)
+            lb._pick_read, read_route, need, None, lb.settings.max_wait, set(excluded)
         )
-        self._pg_call(lb._checkin, host, conn)
+        if conn is not None:
+            self._pg_call(lb._checkin, host, conn)
         return (route.primary if host is read_route.primary else host), reason
 
     def _pg_call(self, func: Callable[..., Any], *args: Any) -> Any:
@@ -474,12 +488,18 @@ class RoutingSession(Session):
 
     def _pg_to_primary(self, unit: _Unit) -> None:
         """The first write of a transaction that read a replica: end the replica's
-        read-only transaction, and run the rest on the primary."""
+        read-only transaction, and run the rest on the primary. (With a savepoint
+        open there, SQLAlchemy still has to release it on that connection: its read-only
+        transaction then ends with the session's.)"""
         try:
+            if self._pg_nested:
+                raise _KeepOpen
             connection = self.connection(bind_arguments={"bind": unit.engine})
             dbapi = connection.connection.dbapi_connection
             if dbapi is not None:
                 dbapi.rollback()
+        except _KeepOpen:
+            pass
         except Exception as exc:  # the replica's transaction ends with its connection
             logger.debug("replica_transaction_end_failed error=%s", type(exc).__name__)
         route = unit.route
@@ -503,7 +523,10 @@ class RoutingSession(Session):
             return  # nothing ran on the primary: nothing committed there
         raw = _raw(connection.connection)
         row = _COMMITTED_AT.pop(raw, None)
-        if row is None:  # committed another way: ask now
+        if row is None:
+            if raw.closed or raw.info.transaction_status != IDLE:
+                return  # a savepoint released: the transaction has not committed yet
+            # committed another way: ask now
             row = await_only(_aposition(raw)) if self._pg_async else _position(raw)
         # None: the position is unknown; reads go to the primary until a probe bounds it
         record_commit(unit.route, row)
@@ -512,6 +535,7 @@ class RoutingSession(Session):
         self._pg_units.clear()
         self._pg_connections.clear()
         self._pg_last = None
+        self._pg_nested = False
 
     # -- one transparent retry of a read-only transaction ----------------------------------
 
@@ -594,6 +618,12 @@ def _keep_loaded(session: Session) -> Callable[[], None]:
 def _after_commit(session: Session) -> None:
     if isinstance(session, RoutingSession):
         session._pg_committed()
+
+
+@event.listens_for(RoutingSession, "after_transaction_create")
+def _after_transaction_create(session: Session, transaction: Any) -> None:
+    if isinstance(session, RoutingSession) and transaction.nested:
+        session._pg_nested = True
 
 
 @event.listens_for(RoutingSession, "after_transaction_end")
