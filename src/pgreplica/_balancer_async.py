@@ -528,6 +528,26 @@ class AsyncLoadBalancer(BalancerBase):
         holds down, or whose pool cannot hand out a connection, raises at once
         (:class:`PrimaryUnavailable` for writes, :class:`HostUnavailable` for reads)."""
         primary = route.primary
+        problem = route.primary_problem
+        if problem is not None:
+            what = (
+                "no host claims the primary role (a failover?)"
+                if problem == "no_primary"
+                else "more than one host claims the primary role (split brain)"
+            )
+            if read_reason is None:
+                raise PrimaryUnavailable(
+                    f"no primary for {route.name!r}: {what}; writes fail fast until one"
+                    " primary is found",
+                    host=primary.label,
+                    reason=problem,
+                )
+            raise HostUnavailable(
+                f"no host can serve this read of {route.name!r}:"
+                f" {read_reason.replace('_', ' ')} and {what}",
+                host=primary.label,
+                reason=problem,
+            )
         if not primary.up:
             if read_reason is None:
                 raise PrimaryUnavailable(

@@ -141,11 +141,15 @@ class DatabaseRoute:
     __slots__ = (
         "clamp_warned_at",
         "classified",
+        "discover",
         "functions",
+        "members",
         "name",
         "operators",
         "primary",
         "primary_config_name",
+        "primary_problem",
+        "primary_source",
         "read_set",
         "refused",
         "relations",
@@ -186,6 +190,15 @@ class DatabaseRoute:
         self.rollout_env = f"PGREPLICA_ROLLOUT_{name.upper()}"
         self.rollout_override: Any = None
         """Set by :meth:`BalancerBase.set_rollout`: a percentage or a callable."""
+        self.discover = False
+        """Roles are found by probing :attr:`members` (no fixed primary)."""
+        self.members: tuple[Host, ...] = (primary, *replicas)
+        self.primary_problem: str | None = None
+        """Why there is no primary to write to: ``no_primary`` (none claims the role,
+        e.g. during a failover) or ``split_brain`` (more than one does); None when
+        :attr:`primary` may take writes."""
+        self.primary_source: DatabaseRoute | None = None
+        """The database whose primary this one reuses (it follows its failovers)."""
 
     def learn_refusal(self, text: str, exc: BaseException, host: Host) -> None:
         """A standby refused ``text``: remember it, so that it goes to the primary."""
@@ -219,6 +232,18 @@ class Router:
         self.refreshed_at = time.monotonic()
         self._round_robin = itertools.count()
         for db in settings.databases.values():
+            if db.discover:
+                # No fixed roles: every host is probed (with the kill switch too: the
+                # primary has to be found); refresh() picks the primary.
+                members = tuple(
+                    self._host(d, None, backoff, f"databases.{db.name}.hosts[{i}]")
+                    for i, d in enumerate((db.primary, *db.replicas))
+                )
+                route = DatabaseRoute(db.name, members[0], members[1:])
+                route.discover = True
+                route.primary_problem = "no_primary"  # until the first probe says
+                self.databases[db.name] = route
+                continue
             primary = self._host(db.primary, True, backoff, f"databases.{db.name}.primary")
             replicas: tuple[Host, ...] = ()
             if settings.enabled:  # the kill switch: no replica host, no connection, no probe
@@ -231,8 +256,13 @@ class Router:
         for db in settings.databases.values():
             if db.primary_from is not None:
                 route = self.databases[db.name]
+                source = self.databases[db.primary_from]
                 route.primary_config_name = db.primary_from
-                route.rollout_from = self.databases[db.primary_from]
+                route.rollout_from = source
+                if source.discover:
+                    route.primary_source = source
+                    route.primary = source.primary
+                    route.primary_problem = source.primary_problem
         for route in self.databases.values():
             route.shares_primary_with = tuple(
                 other.name for other in self.databases.values() if other.primary is route.primary
@@ -240,11 +270,19 @@ class Router:
             for host in (route.primary, *route.replicas):
                 host.databases = (*host.databases, route.name)
 
-    def _host(self, dsn: Dsn, primary: bool, backoff: Backoff, setting: str) -> Host:
+    def _host(self, dsn: Dsn, primary: bool | None, backoff: Backoff, setting: str) -> Host:
+        """The host of ``dsn``: a fixed primary (True), a fixed replica (False), or one
+        whose role is found by probing (None)."""
         host = self.hosts.get(dsn.conninfo)
         if host is None:
-            host = self.hosts[dsn.conninfo] = Host(dsn, configured_primary=primary, backoff=backoff)
-        elif host.configured_primary != primary:
+            host = Host(dsn, configured_primary=bool(primary), backoff=backoff)
+            host.discovered = primary is None
+            self.hosts[dsn.conninfo] = host
+        elif host.discovered != (primary is None):
+            raise ConfigError(
+                setting, f"{dsn.label} has a fixed role elsewhere and none here (hosts)"
+            )
+        elif primary is not None and host.configured_primary != primary:
             raise ConfigError(setting, f"{dsn.label} is configured both as primary and replica")
         return host
 
@@ -311,6 +349,14 @@ class Router:
         settings = self.settings
         now = time.monotonic()
         for route in self.databases.values():
+            if route.discover:
+                self._find_primary(route)
+        for route in self.databases.values():
+            source = route.primary_source
+            if source is not None:
+                route.primary, route.primary_problem = source.primary, source.primary_problem
+                route.shares_primary_with = source.shares_primary_with
+        for route in self.databases.values():
             primary_lsn = route.primary.flush_lsn or route.primary.replay_lsn
             usable: list[Host] = []
             for host in route.replicas:
@@ -342,6 +388,47 @@ class Router:
                     usable.append(host)
             route.read_set = tuple(usable)
         self.refreshed_at = now
+
+    def _find_primary(self, route: DatabaseRoute) -> None:
+        """The primary of a database without fixed roles: the one member that is up and
+        out of recovery. None claiming it (a failover in progress) or more than one (a
+        split brain: an old primary back without having been demoted) leaves the
+        database without a primary to write to until exactly one does: pgreplica does
+        not pick a side, the failover manager's fencing does."""
+        claims = [h for h in route.members if h.up and h.in_recovery is False]
+        problem: str | None = None
+        if len(claims) == 1:
+            new = claims[0]
+        else:
+            new = route.primary
+            problem = "no_primary" if not claims else "split_brain"
+        if new is not route.primary:
+            old = route.primary
+            old.configured_primary = False
+            logger.warning(
+                "primary_changed database=%s from=%s to=%s", route.name, old.label, new.label
+            )
+            route.primary = new
+        if problem is None:
+            route.primary.configured_primary = True
+            route.replicas = (
+                tuple(m for m in route.members if m is not new) if self.settings.enabled else ()
+            )
+        if problem != route.primary_problem:
+            if problem == "split_brain":
+                logger.error(
+                    "split_brain database=%s hosts=%s: no writes until one primary remains",
+                    route.name,
+                    ",".join(h.label for h in claims),
+                )
+            elif problem == "no_primary":
+                logger.warning(
+                    "no_primary database=%s: writes fail fast until a primary is found",
+                    route.name,
+                )
+            else:
+                logger.info("primary_found database=%s host=%s", route.name, new.label)
+            route.primary_problem = problem
 
     def required(self, route: DatabaseRoute, token: CausalToken, grown_at: float) -> int:
         """The position a read of ``route`` must see for a context holding ``token``

@@ -84,6 +84,31 @@ class Dsn:
         userpart = f"{user}{secret}@" if user or secret else ""
         object.__setattr__(self, "redacted", f"postgresql://{userpart}{host}:{port}/{dbname}")
 
+    def hosts(self, setting: str = "dsn") -> tuple[Dsn, ...]:
+        """One connection string per host of a libpq multi-host string
+        (``host=a,b port=5432,5433``, ``postgresql://a:5432,b:5433/db``); just this one
+        for a single host."""
+        params = conninfo_to_dict(self.conninfo)
+        hosts = str(params.get("host") or "").split(",")
+        addrs = str(params.get("hostaddr") or "").split(",")
+        if len(hosts) < 2 and len(addrs) < 2:
+            return (self,)
+        count = max(len(hosts), len(addrs))
+        ports = str(params.get("port") or "").split(",")
+        if len(ports) not in (1, count):
+            raise ConfigError(setting, f"{count} hosts but {len(ports)} ports")
+        split = []
+        for i in range(count):
+            one = {k: v for k, v in params.items() if k not in ("target_session_attrs",)}
+            if params.get("host"):
+                one["host"] = hosts[i] if len(hosts) == count else hosts[0]
+            if params.get("hostaddr"):
+                one["hostaddr"] = addrs[i] if len(addrs) == count else addrs[0]
+            if params.get("port"):
+                one["port"] = ports[i] if len(ports) == count else ports[0]
+            split.append(Dsn(make_conninfo("", **one), setting=setting))
+        return tuple(split)
+
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Dsn is immutable")
 
@@ -115,6 +140,10 @@ class DatabaseConfig:
     """Percentage of this database's read units that use its own replicas; the others
     read from the replicas of :attr:`primary_from` (``None``: all use its own, 0: none).
     ``PGREPLICA_ROLLOUT_<NAME>``, read at each decision, overrides it."""
+    discover: bool = False
+    """The hosts have no fixed roles (``hosts = [...]`` or a multi-host DSN): the
+    prober finds the primary among :attr:`primary` and :attr:`replicas`, and follows
+    failovers."""
 
 
 @dataclass(frozen=True)
@@ -261,9 +290,12 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
         where = f"databases.{name}"
         if not isinstance(entry, Mapping):
             raise ConfigError(where, "expected a table with primary and replicas")
-        unknown = set(entry) - {"primary", "replicas", "rollout"}
+        unknown = set(entry) - {"primary", "replicas", "rollout", "hosts"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
+        if "hosts" in entry or _multi_host(entry.get("primary")):
+            parsed[name] = _discovered(name, entry, where)
+            continue
         primary = entry.get("primary")
         reuse_setting = f"{ENV_PREFIX}REUSE_PRIMARY_{name.upper()}"
         reuse = env.get(reuse_setting, "").strip()
@@ -300,6 +332,45 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
             raise ConfigError(setting, f"reuses database {target!r}, which is not configured")
         parsed[name] = DatabaseConfig(name, parsed[target].primary, replicas, target, rollout)
     return {name: parsed[name] for name in raw}
+
+
+def _multi_host(primary: Any) -> bool:
+    if not isinstance(primary, str) or _NAME_RE.match(primary):
+        return False
+    return len(Dsn(primary).hosts()) > 1
+
+
+def _discovered(name: str, entry: Mapping[str, Any], where: str) -> DatabaseConfig:
+    """A database whose hosts have no fixed roles: ``hosts = [...]`` (each entry may be
+    a multi-host string), or a multi-host ``primary`` with no ``replicas``."""
+    if "hosts" in entry:
+        if "primary" in entry or "replicas" in entry:
+            raise ConfigError(
+                f"{where}.hosts", "either hosts (roles found by probing) or primary and replicas"
+            )
+        raw = entry["hosts"]
+        setting = f"{where}.hosts"
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise ConfigError(setting, "expected a non-empty list of connection strings")
+    else:
+        if entry.get("replicas"):
+            raise ConfigError(
+                f"{where}.replicas",
+                "a multi-host primary finds its replicas by probing: list every host in it",
+            )
+        raw = [entry["primary"]]
+        setting = f"{where}.primary"
+    hosts: list[Dsn] = []
+    for i, text in enumerate(raw):
+        for dsn in Dsn(text, setting=f"{setting}[{i}]").hosts(f"{setting}[{i}]"):
+            if dsn in hosts:
+                raise ConfigError(f"{setting}[{i}]", f"{dsn.label} is listed twice")
+            hosts.append(dsn)
+    if entry.get("rollout") is not None:
+        raise ConfigError(f"{where}.rollout", 'a rollout needs a shared primary (primary = "main")')
+    return DatabaseConfig(name, hosts[0], tuple(hosts[1:]), discover=True)
 
 
 def parse_rollout(setting: str, value: Any) -> float | None:

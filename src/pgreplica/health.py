@@ -101,6 +101,10 @@ class Host:
         self.dsn = dsn
         self.label = dsn.label
         self.configured_primary = configured_primary
+        """The primary now: fixed by the configuration, or found by probing when
+        :attr:`discovered`."""
+        self.discovered = False
+        """Its role is found by probing (``hosts = [...]``), not configured."""
         self.databases: tuple[str, ...] = ()
         self.backoff = backoff
         self.in_recovery: bool | None = None
@@ -199,7 +203,7 @@ class Host:
             logger.info("host_online host=%s role=%s", self.label, self.role)
             if self.on_up is not None:
                 self.on_up(self)
-        if promoted and not self.configured_primary:
+        if promoted and not self.configured_primary and not self.discovered:
             logger.warning("replica_promoted host=%s: out of the read set", self.label)
 
     def record_failure(
