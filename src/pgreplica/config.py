@@ -293,7 +293,10 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
         unknown = set(entry) - {"primary", "replicas", "rollout", "hosts"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
-        if "hosts" in entry or _multi_host(entry.get("primary")):
+        reused = env.get(f"{ENV_PREFIX}REUSE_PRIMARY_{name.upper()}", "").strip()
+        if not reused and (
+            "hosts" in entry or _multi_host(entry.get("primary"), f"{where}.primary")
+        ):
             parsed[name] = _discovered(name, entry, where)
             continue
         primary = entry.get("primary")
@@ -334,10 +337,10 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
     return {name: parsed[name] for name in raw}
 
 
-def _multi_host(primary: Any) -> bool:
-    if not isinstance(primary, str) or _NAME_RE.match(primary):
+def _multi_host(primary: Any, setting: str) -> bool:
+    if not isinstance(primary, str) or not primary or _NAME_RE.match(primary):
         return False
-    return len(Dsn(primary).hosts()) > 1
+    return len(Dsn(primary, setting=setting).hosts(setting)) > 1
 
 
 def _discovered(name: str, entry: Mapping[str, Any], where: str) -> DatabaseConfig:
