@@ -99,7 +99,7 @@ class AsyncLoadBalancer(BalancerBase):
         self._started = False  # pools open and prober running
         self._opened = False  # ... and the first probes done (or waited for)
         self._closed = False
-        self._prober = self._router.make_prober()
+        self._prober = self._make_prober()
         self._prober_runner: Any = None
         self._background: set[asyncio.Future[None]] = set()  # async-only
         # sync-only: self._renew_lock = threading.Lock()
@@ -113,7 +113,7 @@ class AsyncLoadBalancer(BalancerBase):
         self._open_lock = asyncio.Lock()
         # sync-only: self._renew_lock = threading.Lock()
         self._started = self._opened = False
-        self._prober = self._router.make_prober()
+        self._prober = self._make_prober()
         self._prober_runner = None
         return inherited
 
@@ -164,7 +164,7 @@ class AsyncLoadBalancer(BalancerBase):
             if self._prober_runner is not None:
                 await self._stop_prober()
             await self._wait_background()
-            for pool in self._pools.values():
+            for pool in list(self._pools.values()):
                 await pool.close()
             self._pools.clear()
 
@@ -195,6 +195,17 @@ class AsyncLoadBalancer(BalancerBase):
         if pool is not None and not host.up:  # not if it came back meanwhile
             # The pool fails its waiting callers only once its workers stop, and one may
             # be connecting to the hung server for connect_timeout: do not wait for it.
+            self._in_background(pool.close(timeout=_WORKERS_STOP))
+
+    async def _add_pool(self, host: Host) -> None:
+        pool: AsyncConnectionPool[AConn] = AsyncConnectionPool(**self._pool_kwargs(host))
+        await pool.open(wait=False)
+        self._pools[host] = pool
+
+    def _remove_pool(self, host: Host) -> None:
+        # Connections lent from it are closed when they come back: work in flight ends.
+        pool = self._pools.pop(host, None)
+        if pool is not None:
             self._in_background(pool.close(timeout=_WORKERS_STOP))
 
     def _start_prober(self) -> None:
@@ -240,6 +251,20 @@ class AsyncLoadBalancer(BalancerBase):
     # sync-only:         self._pools[host] = pool
     # sync-only:     # Closing joins the pool's workers: not in the prober's thread.
     # sync-only:     threading.Thread(target=old.close, name="pgreplica-pool-close").start()
+    # sync-only:
+    # sync-only: def _add_pool(self, host: Host) -> None:
+    # sync-only:     pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+    # sync-only:     pool.open(wait=False)
+    # sync-only:     self._pools[host] = pool
+    # sync-only:
+    # sync-only: def _remove_pool(self, host: Host) -> None:
+    # sync-only:     # Connections lent from it are closed when they come back: work in flight
+    # sync-only:     # ends. Closing joins the pool's workers: not in the prober's thread.
+    # sync-only:     pool = self._pools.pop(host, None)
+    # sync-only:     if pool is not None:
+    # sync-only:         threading.Thread(
+    # sync-only:             target=pool.close, args=(_WORKERS_STOP,), name="pgreplica-pool-close"
+    # sync-only:         ).start()
     # sync-only:
     # sync-only: def _drain(self, host: Host) -> None:
     # sync-only:     pool = self._pools.get(host)

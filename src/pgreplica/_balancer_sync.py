@@ -89,7 +89,7 @@ class LoadBalancer(BalancerBase):
         self._started = False  # pools open and prober running
         self._opened = False  # ... and the first probes done (or waited for)
         self._closed = False
-        self._prober = self._router.make_prober()
+        self._prober = self._make_prober()
         self._prober_runner: Any = None
         self._renew_lock = threading.Lock()
 
@@ -100,7 +100,7 @@ class LoadBalancer(BalancerBase):
         self._open_lock = threading.Lock()
         self._renew_lock = threading.Lock()
         self._started = self._opened = False
-        self._prober = self._router.make_prober()
+        self._prober = self._make_prober()
         self._prober_runner = None
         return inherited
 
@@ -149,7 +149,7 @@ class LoadBalancer(BalancerBase):
             if self._prober_runner is not None:
                 self._stop_prober()
             self._wait_background()
-            for pool in self._pools.values():
+            for pool in list(self._pools.values()):
                 pool.close()
             self._pools.clear()
 
@@ -175,6 +175,20 @@ class LoadBalancer(BalancerBase):
             self._pools[host] = pool
         # Closing joins the pool's workers: not in the prober's thread.
         threading.Thread(target=old.close, name="pgreplica-pool-close").start()
+
+    def _add_pool(self, host: Host) -> None:
+        pool: ConnectionPool[AConn] = ConnectionPool(**self._pool_kwargs(host))
+        pool.open(wait=False)
+        self._pools[host] = pool
+
+    def _remove_pool(self, host: Host) -> None:
+        # Connections lent from it are closed when they come back: work in flight
+        # ends. Closing joins the pool's workers: not in the prober's thread.
+        pool = self._pools.pop(host, None)
+        if pool is not None:
+            threading.Thread(
+                target=pool.close, args=(_WORKERS_STOP,), name="pgreplica-pool-close"
+            ).start()
 
     def _drain(self, host: Host) -> None:
         pool = self._pools.get(host)

@@ -11,6 +11,7 @@ share it instead of keeping two copies.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import os
@@ -18,12 +19,13 @@ import random
 import socket
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
 import psycopg_pool
 
+from pgreplica import dns
 from pgreplica.config import DatabaseConfig, Dsn, Settings, parse_rollout
 from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError
@@ -142,6 +144,7 @@ class DatabaseRoute:
         "clamp_warned_at",
         "classified",
         "discover",
+        "dns_name",
         "functions",
         "members",
         "name",
@@ -160,6 +163,7 @@ class DatabaseRoute:
         "rollout_from",
         "rollout_override",
         "shares_primary_with",
+        "static_replicas",
     )
 
     def __init__(self, name: str, primary: Host, replicas: tuple[Host, ...]) -> None:
@@ -199,6 +203,10 @@ class DatabaseRoute:
         :attr:`primary` may take writes."""
         self.primary_source: DatabaseRoute | None = None
         """The database whose primary this one reuses (it follows its failovers)."""
+        self.dns_name: str | None = None
+        """``replicas_dns``: more replicas, from DNS (:mod:`pgreplica.dns`)."""
+        self.static_replicas: tuple[Host, ...] = replicas
+        """The configured replicas; :attr:`replicas` adds those DNS gives."""
 
     def learn_refusal(self, text: str, exc: BaseException, host: Host) -> None:
         """A standby refused ``text``: remember it, so that it goes to the primary."""
@@ -253,6 +261,8 @@ class Router:
                 )
             self.databases[db.name] = route = DatabaseRoute(db.name, primary, replicas)
             route.rollout = db.rollout
+            if settings.enabled:
+                route.dns_name = db.replicas_dns
         for db in settings.databases.values():
             if db.primary_from is not None:
                 route = self.databases[db.name]
@@ -512,6 +522,39 @@ class Router:
             hosts = hosts[start:] + hosts[:start]
         return hosts
 
+    def set_dns_replicas(
+        self, route: DatabaseRoute, dsns: Sequence[Dsn]
+    ) -> tuple[list[Host], list[Host]]:
+        """Make the replicas DNS gave ``route`` these (besides its configured ones):
+        ``(added, removed)``, hosts new to the router and hosts no database uses any
+        more. An added host reads once probed; a removed one leaves the read set now."""
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        hosts: list[Host] = []
+        added: list[Host] = []
+        for dsn in dsns:
+            host = self.hosts.get(dsn.conninfo)
+            if host is None:
+                host = Host(dsn, configured_primary=False, backoff=backoff)
+                self.hosts[dsn.conninfo] = host
+                added.append(host)
+            elif host.configured_primary or host.discovered:
+                continue  # the primary (or a host with another role) is not a replica here
+            if host not in hosts and host not in route.static_replicas:
+                hosts.append(host)
+        leaving = [h for h in route.replicas if h not in hosts and h not in route.static_replicas]
+        route.replicas = (*route.static_replicas, *hosts)
+        for host in hosts:
+            if route.name not in host.databases:
+                host.databases = (*host.databases, route.name)
+        removed: list[Host] = []
+        for host in leaving:
+            host.databases = tuple(d for d in host.databases if d != route.name)
+            if not host.databases:
+                self.hosts.pop(host.dsn.conninfo, None)
+                removed.append(host)
+        self.refresh()
+        return added, removed
+
     def make_prober(self) -> Prober:
         s = self.settings
         return Prober(
@@ -581,6 +624,7 @@ class BalancerBase:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._router = Router(settings)
+        self._prober: Prober  # made by the subclass (_make_prober)
         self._comments = settings.sql_comments
         self._pid = os.getpid()
         if settings.metrics:
@@ -657,6 +701,79 @@ class BalancerBase:
         return [host.status() for host in self._router.hosts.values()]
 
     # -- connections lent to units of work --------------------------------------------
+
+    def _make_prober(self) -> Prober:
+        prober = self._router.make_prober()
+        prober.watchers = [
+            self._watch_dns(route) for route in self._router.databases.values() if route.dns_name
+        ]
+        return prober
+
+    def _watch_dns(self, route: DatabaseRoute) -> Callable[[], Awaitable[None]]:
+        """The loop (run by the prober, in its event loop) that keeps ``route``'s
+        replicas from DNS up to date."""
+        name = route.dns_name
+        assert name is not None
+        setting = f"databases.{route.name}.replicas_dns"
+
+        async def watch() -> None:
+            settings = self.settings
+            while True:
+                ttl = 0.0
+                try:
+                    targets, ttl = await dns.lookup(name, settings.dns_servers)
+                except LookupError as exc:
+                    logger.warning(
+                        "dns_lookup_failed database=%s name=%s reason=%s: the"
+                        " replicas stay as they are",
+                        route.name,
+                        name,
+                        exc,
+                    )
+                else:
+                    dsns = dns.replica_dsns(route.primary.dsn, targets, setting)
+                    await self._apply_dns(route, dsns)
+                if await self._prober._sleep(dns.next_lookup_in(ttl, settings.dns_interval)):
+                    return
+
+        return watch
+
+    async def _apply_dns(self, route: DatabaseRoute, dsns: list[Dsn]) -> None:
+        before = {h.label for h in route.replicas}
+        added, removed = self._router.set_dns_replicas(route, dsns)
+        for host in added:
+            self._lent[host] = set()
+            host.on_down = self._host_down
+            host.on_up = self._renew_pool
+            opened = self._add_pool(host)
+            if inspect.isawaitable(opened):
+                await opened
+            self._prober.add_host(host)
+        for host in removed:
+            self._prober.remove_host(host)
+            self._remove_pool(host)
+        after = {h.label for h in route.replicas}
+        if after != before:
+            logger.info(
+                "dns_replicas database=%s added=%s removed=%s",
+                route.name,
+                ",".join(sorted(after - before)) or "-",
+                ",".join(sorted(before - after)) or "-",
+            )
+
+    def _add_pool(self, host: Host) -> Any:
+        """A pool for a host DNS added, opening (the subclass's kind of pool)."""
+        raise NotImplementedError
+
+    def _remove_pool(self, host: Host) -> None:
+        """Close the pool of a host DNS removed, gently: work in flight finishes."""
+        raise NotImplementedError
+
+    def _host_down(self, host: Host) -> None:
+        raise NotImplementedError
+
+    def _renew_pool(self, host: Host) -> None:
+        raise NotImplementedError
 
     def _lend(self, host: Host, conn: Any) -> None:
         self._lent[host].add(conn)

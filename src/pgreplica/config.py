@@ -140,6 +140,9 @@ class DatabaseConfig:
     """Percentage of this database's read units that use its own replicas; the others
     read from the replicas of :attr:`primary_from` (``None``: all use its own, 0: none).
     ``PGREPLICA_ROLLOUT_<NAME>``, read at each decision, overrides it."""
+    replicas_dns: str | None = None
+    """A DNS name whose A or SRV records (a name starting with ``_``) are the replicas,
+    refreshed while running (:mod:`pgreplica.dns`); on top of :attr:`replicas`."""
     discover: bool = False
     """The hosts have no fixed roles (``hosts = [...]`` or a multi-host DSN): the
     prober finds the primary among :attr:`primary` and :attr:`replicas`, and follows
@@ -175,6 +178,12 @@ class Settings:
     """Prometheus metrics labelled by ``db_config_name`` (:mod:`pgreplica.metrics`)."""
     opentelemetry: bool = False
     """Routing attributes on the active OpenTelemetry span (:mod:`pgreplica.otel`)."""
+    dns_servers: tuple[str, ...] = ()
+    """Name servers (``"10.0.0.2"``, ``"127.0.0.1:8600"``) for ``replicas_dns``; empty:
+    the system's resolver."""
+    dns_interval: float = 30.0
+    """Shortest time between two lookups of a ``replicas_dns`` name (a record's TTL
+    lengthens it), with a jitter of +-10 %."""
 
     def __post_init__(self) -> None:
         if not self.databases:
@@ -193,6 +202,7 @@ class Settings:
             "connect_timeout",
             "backoff_initial",
             "backoff_max",
+            "dns_interval",
         ):
             _check_number(name, getattr(self, name), positive=True)
         if not isinstance(self.enabled, bool):
@@ -286,11 +296,12 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
             raise ConfigError(f"databases.{name}", "name must be letters, digits or _")
     parsed: dict[str, DatabaseConfig] = {}
     references: dict[str, tuple[str, tuple[Dsn, ...], float | None, str]] = {}
+    dns_names: dict[str, str | None] = {}
     for name, entry in raw.items():
         where = f"databases.{name}"
         if not isinstance(entry, Mapping):
             raise ConfigError(where, "expected a table with primary and replicas")
-        unknown = set(entry) - {"primary", "replicas", "rollout", "hosts"}
+        unknown = set(entry) - {"primary", "replicas", "rollout", "hosts", "replicas_dns"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
         reused = env.get(f"{ENV_PREFIX}REUSE_PRIMARY_{name.upper()}", "").strip()
@@ -318,6 +329,7 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
         rollout = parse_rollout(f"{where}.rollout", entry.get("rollout"))
         if _NAME_RE.match(primary):
             references[name] = (primary, replicas, rollout, setting)
+            dns_names[name] = _dns_name(entry, where)
         else:
             if rollout is not None:
                 raise ConfigError(
@@ -325,7 +337,12 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
                     "a rollout moves reads from another database's replicas to this one's:"
                     ' it needs a shared primary (primary = "main")',
                 )
-            parsed[name] = DatabaseConfig(name, Dsn(primary, setting=f"{where}.primary"), replicas)
+            parsed[name] = DatabaseConfig(
+                name,
+                Dsn(primary, setting=f"{where}.primary"),
+                replicas,
+                replicas_dns=_dns_name(entry, where),
+            )
     for name, (target, replicas, rollout, setting) in references.items():
         if target == name:
             raise ConfigError(setting, "a database cannot reuse its own primary")
@@ -333,8 +350,23 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
             raise ConfigError(setting, f"reuses {target!r}, which itself reuses another primary")
         if target not in parsed:
             raise ConfigError(setting, f"reuses database {target!r}, which is not configured")
-        parsed[name] = DatabaseConfig(name, parsed[target].primary, replicas, target, rollout)
+        parsed[name] = DatabaseConfig(
+            name, parsed[target].primary, replicas, target, rollout, replicas_dns=dns_names[name]
+        )
     return {name: parsed[name] for name in raw}
+
+
+def _dns_name(entry: Mapping[str, Any], where: str) -> str | None:
+    name = entry.get("replicas_dns")
+    if name is None:
+        return None
+    if (
+        not isinstance(name, str)
+        or not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]*\.?)*[A-Za-z0-9_.-]*", name)
+        or len(name) > 253
+    ):
+        raise ConfigError(f"{where}.replicas_dns", f"expected a DNS name, got {name!r}")
+    return name
 
 
 def _multi_host(primary: Any, setting: str) -> bool:
@@ -346,6 +378,10 @@ def _multi_host(primary: Any, setting: str) -> bool:
 def _discovered(name: str, entry: Mapping[str, Any], where: str) -> DatabaseConfig:
     """A database whose hosts have no fixed roles: ``hosts = [...]`` (each entry may be
     a multi-host string), or a multi-host ``primary`` with no ``replicas``."""
+    if "replicas_dns" in entry:
+        raise ConfigError(
+            f"{where}.replicas_dns", "replicas from DNS need a fixed primary, not hosts"
+        )
     if "hosts" in entry:
         if "primary" in entry or "replicas" in entry:
             raise ConfigError(
@@ -410,6 +446,8 @@ def _coerce(key: str, value: Any, *, setting: str | None = None) -> Any:
     """Turn TOML or environment values into the setting's type ("100ms", "8MiB", "false")."""
     setting = setting or key
     default = _DEFAULTS[key]
+    if key == "dns_servers":
+        return _dns_servers(setting, value)
     if isinstance(default, tuple):
         return _function_names(setting, value)
     if isinstance(default, bool):
@@ -435,6 +473,21 @@ def _coerce(key: str, value: Any, *, setting: str | None = None) -> Any:
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(setting, f"expected text, got {type(value).__name__}")
     return value
+
+
+def _dns_servers(setting: str, value: Any) -> tuple[str, ...]:
+    """Name servers as ``ip`` or ``ip:port`` (a list, or one comma-separated string)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(setting, "expected a list of name server addresses")
+    servers = tuple(i.strip() for i in items if i.strip())
+    for server in servers:
+        address, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(setting, f"bad port in {server!r}")
+        if not address or not re.fullmatch(r"[0-9A-Fa-f.:]+", address):
+            raise ConfigError(setting, f"expected an IP address, got {server!r}")
+    return servers
 
 
 def _function_names(setting: str, value: Any) -> tuple[str, ...]:

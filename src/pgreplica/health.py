@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -311,17 +311,37 @@ class Prober:
         self._pending_first = set(hosts)
         self.connections: dict[Host, psycopg.AsyncConnection[tuple[object, ...]]] = {}
         """The open probe connection of each host (a forked child releases them)."""
+        self.watchers: list[Callable[[], Awaitable[None]]] = []
+        """More loops to run with the probes (the DNS lookups of ``replicas_dns``)."""
+        self._tasks: dict[Host, asyncio.Future[None]] = {}
 
     async def run(self) -> None:
         if not self.hosts:
             self.first_round.set()
-        tasks = [asyncio.ensure_future(self._probe_loop(h)) for h in self.hosts]
+        for host in self.hosts:
+            self._tasks[host] = asyncio.ensure_future(self._probe_loop(host))
+        watchers = [asyncio.ensure_future(w()) for w in self.watchers]
         try:
             await self._stop.wait()
         finally:
+            tasks = [*self._tasks.values(), *watchers]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def add_host(self, host: Host) -> None:
+        """Probe ``host`` from now on (in the prober's event loop)."""
+        if host not in self._tasks:
+            self.hosts.append(host)
+            self._tasks[host] = asyncio.ensure_future(self._probe_loop(host))
+
+    def remove_host(self, host: Host) -> None:
+        """Stop probing ``host`` (in the prober's event loop)."""
+        task = self._tasks.pop(host, None)
+        if task is not None:
+            task.cancel()
+        if host in self.hosts:
+            self.hosts.remove(host)
 
     def stop(self) -> None:
         self._stop.set()
