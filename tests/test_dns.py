@@ -146,3 +146,35 @@ def test_bad_dns_settings_are_named() -> None:
     )
     assert settings.dns_servers == ("10.0.0.2", "127.0.0.1:8600")
     assert settings.databases["main"].replicas_dns == NAME
+
+
+def test_an_asyncio_balancer_follows_the_dns_answer(healthy_cluster: LocalCluster) -> None:
+    import asyncio
+
+    cluster = healthy_cluster
+    with DnsServer() as server:
+        server.set(NAME, srv(cluster, 2))
+        config = {
+            "databases": {"main": {"primary": cluster.dsn(0), "replicas_dns": NAME}},
+            "dns_servers": [f"127.0.0.1:{server.port}"],
+            "dns_interval": "200ms",
+        }
+
+        async def scenario() -> list[int]:
+            async with pgreplica.AsyncLoadBalancer(config=config) as alb:
+                route = alb._router.route("main")
+                deadline = time.monotonic() + 10
+                while len(route.read_set) != 1 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                server.set(NAME, srv(cluster, 1))  # 2 leaves, 1 joins
+                wanted = [f"127.0.0.1:{cluster.port(1)}/postgres"]
+                while time.monotonic() < deadline and [h.label for h in route.read_set] != wanted:
+                    await asyncio.sleep(0.05)
+                ports = []
+                for _ in range(5):
+                    async with alb.read() as conn:
+                        cur = await conn.execute("SELECT inet_server_port()")
+                        ports.append((await cur.fetchone())[0])
+                return ports
+
+        assert asyncio.run(scenario()) == [cluster.port(1)] * 5
