@@ -45,6 +45,10 @@ def test_hosts_and_multi_host_dsns_parse_into_discovered_databases() -> None:
     ]
     assert settings.databases["ci"].primary_from == "main"
     assert Dsn("host=a,b port=1,2 dbname=x").hosts()[1].label == "b:2/x"
+    patroni = Settings.from_dict(
+        {"databases": {"main": {"hosts": ["host=a"], "patroni": "http://db1:8008/"}}}
+    )
+    assert patroni.databases["main"].patroni == ("http://db1:8008",)
 
     bad = [
         ({"hosts": ["host=a"], "primary": "host=b"}, "either hosts"),
@@ -53,6 +57,8 @@ def test_hosts_and_multi_host_dsns_parse_into_discovered_databases() -> None:
         ({"hosts": ["host=a,b,c port=1,2"]}, "3 hosts but 2 ports"),
         ({"primary": "host=a,b", "replicas": ["host=c"]}, "multi-host primary"),
         ({"hosts": ["host=a"], "rollout": 5}, "rollout needs a shared primary"),
+        ({"hosts": ["host=a"], "patroni": ["db1:8008"]}, "expected http://host:port"),
+        ({"primary": "host=a", "patroni": "http://db1:8008"}, "needs hosts"),
     ]
     for entry, message in bad:
         with pytest.raises(pgreplica.ConfigError, match=message):

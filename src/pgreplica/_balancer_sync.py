@@ -154,13 +154,14 @@ class LoadBalancer(BalancerBase):
             self._pools.clear()
 
     def _host_down(self, host: Host) -> None:
-        """The prober marked ``host`` down. A replica's pool is closed, which fails
-        every caller waiting for one of its connections, and the connections lent on
-        it are aborted; the primary's pool is drained (writes in flight on a slow
-        primary are left to finish). A fresh pool comes when the host is back."""
+        """The prober marked ``host`` down. Its pool is closed, which fails every
+        caller waiting for one of its connections at once (writes fail fast, instead
+        of waiting out ``connect_timeout``). A replica's lent connections are aborted;
+        the primary's are not (writes in flight on a slow primary are left to finish).
+        A fresh pool comes when the host is back."""
         self._router.refresh()  # out of the read sets before its callers fail over
         if host.configured_primary:
-            self._drain(host)
+            self._retire_pool(host)
             return
         self._retire_pool(host)
         self._abort_lent(host)

@@ -10,6 +10,7 @@ share it instead of keeping two copies.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import itertools
@@ -149,6 +150,7 @@ class DatabaseRoute:
         "members",
         "name",
         "operators",
+        "patroni",
         "primary",
         "primary_config_name",
         "primary_problem",
@@ -203,6 +205,8 @@ class DatabaseRoute:
         :attr:`primary` may take writes."""
         self.primary_source: DatabaseRoute | None = None
         """The database whose primary this one reuses (it follows its failovers)."""
+        self.patroni: tuple[str, ...] = ()
+        """Patroni REST API URLs whose ``/cluster`` members are :attr:`members`."""
         self.dns_name: str | None = None
         """``replicas_dns``: more replicas, from DNS (:mod:`pgreplica.dns`)."""
         self.static_replicas: tuple[Host, ...] = replicas
@@ -249,6 +253,7 @@ class Router:
                 )
                 route = DatabaseRoute(db.name, members[0], members[1:])
                 route.discover = True
+                route.patroni = db.patroni
                 route.primary_problem = "no_primary"  # until the first probe says
                 self.databases[db.name] = route
                 continue
@@ -555,6 +560,41 @@ class Router:
         self.refresh()
         return added, removed
 
+    def set_members(
+        self, route: DatabaseRoute, dsns: Sequence[Dsn]
+    ) -> tuple[list[Host], list[Host]]:
+        """The hosts of a database without fixed roles are now these (from Patroni):
+        ``(added, removed)``. Roles are found by probing, as for configured hosts."""
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        members: list[Host] = []
+        added: list[Host] = []
+        for dsn in dsns:
+            host = self.hosts.get(dsn.conninfo)
+            if host is None:
+                host = Host(dsn, configured_primary=False, backoff=backoff)
+                host.discovered = True
+                self.hosts[dsn.conninfo] = host
+                added.append(host)
+            elif not host.discovered:
+                continue  # a host with a fixed role elsewhere
+            if host not in members:
+                members.append(host)
+        if not members:
+            return [], []
+        leaving = [h for h in route.members if h not in members]
+        route.members = tuple(members)
+        for host in members:
+            if route.name not in host.databases:
+                host.databases = (*host.databases, route.name)
+        removed: list[Host] = []
+        for host in leaving:
+            host.databases = tuple(d for d in host.databases if d != route.name)
+            if not host.databases and host is not route.primary:
+                self.hosts.pop(host.dsn.conninfo, None)
+                removed.append(host)
+        self.refresh()
+        return added, removed
+
     def make_prober(self) -> Prober:
         s = self.settings
         return Prober(
@@ -566,6 +606,25 @@ class Router:
             application_name=s.application_name,
             on_change=self.refresh,
         )
+
+
+def patroni_members(url: str) -> list[tuple[str, int | None]]:
+    """``(host, port)`` of each member of the Patroni cluster that ``url`` (a REST API)
+    belongs to, from ``GET /cluster`` (blocking: run it in a thread)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/cluster", timeout=2.0) as response:
+        body = json.loads(response.read(1_000_000))
+    members = body.get("members") if isinstance(body, dict) else None
+    if not isinstance(members, list):
+        raise ValueError("no members in the answer of /cluster")
+    targets: list[tuple[str, int | None]] = []
+    for member in members:
+        host, port = member.get("host"), member.get("port")
+        if isinstance(host, str) and host and isinstance(port, int):
+            targets.append((host, port))
+    return targets
 
 
 def _in_history(primary: Host, position: int, origin: str | None) -> bool:
@@ -704,10 +763,51 @@ class BalancerBase:
 
     def _make_prober(self) -> Prober:
         prober = self._router.make_prober()
-        prober.watchers = [
-            self._watch_dns(route) for route in self._router.databases.values() if route.dns_name
-        ]
+        routes = self._router.databases.values()
+        prober.watchers = [self._watch_dns(route) for route in routes if route.dns_name]
+        prober.watchers += [self._watch_patroni(route) for route in routes if route.patroni]
         return prober
+
+    def _watch_patroni(self, route: DatabaseRoute) -> Callable[[], Awaitable[None]]:
+        """The loop (run by the prober) that keeps ``route``'s members those of its
+        Patroni cluster (``GET /cluster`` on the first REST API that answers)."""
+        setting = f"databases.{route.name}.patroni"
+
+        async def watch() -> None:
+            while True:
+                targets = None
+                for url in route.patroni:
+                    try:
+                        targets = await asyncio.to_thread(patroni_members, url)
+                        break
+                    except (OSError, ValueError) as exc:
+                        logger.warning(
+                            "patroni_unavailable database=%s url=%s reason=%s",
+                            route.name,
+                            url,
+                            str(exc)[:120],
+                        )
+                if targets:
+                    seed = route.members[0].dsn
+                    dsns = dns.replica_dsns(seed, targets, setting)
+                    await self._apply_members(route, dsns)
+                if await self._prober._sleep(self.settings.patroni_interval):
+                    return
+
+        return watch
+
+    async def _apply_members(self, route: DatabaseRoute, dsns: list[Dsn]) -> None:
+        before = {h.label for h in route.members}
+        added, removed = self._router.set_members(route, dsns)
+        await self._track(added, removed)
+        after = {h.label for h in route.members}
+        if after != before:
+            logger.info(
+                "members database=%s added=%s removed=%s",
+                route.name,
+                ",".join(sorted(after - before)) or "-",
+                ",".join(sorted(before - after)) or "-",
+            )
 
     def _watch_dns(self, route: DatabaseRoute) -> Callable[[], Awaitable[None]]:
         """The loop (run by the prober, in its event loop) that keeps ``route``'s
@@ -741,6 +841,18 @@ class BalancerBase:
     async def _apply_dns(self, route: DatabaseRoute, dsns: list[Dsn]) -> None:
         before = {h.label for h in route.replicas}
         added, removed = self._router.set_dns_replicas(route, dsns)
+        await self._track(added, removed)
+        after = {h.label for h in route.replicas}
+        if after != before:
+            logger.info(
+                "dns_replicas database=%s added=%s removed=%s",
+                route.name,
+                ",".join(sorted(after - before)) or "-",
+                ",".join(sorted(before - after)) or "-",
+            )
+
+    async def _track(self, added: list[Host], removed: list[Host]) -> None:
+        """Pools and probes for hosts that joined; none for hosts that left."""
         for host in added:
             self._lent[host] = set()
             host.on_down = self._host_down
@@ -752,14 +864,6 @@ class BalancerBase:
         for host in removed:
             self._prober.remove_host(host)
             self._remove_pool(host)
-        after = {h.label for h in route.replicas}
-        if after != before:
-            logger.info(
-                "dns_replicas database=%s added=%s removed=%s",
-                route.name,
-                ",".join(sorted(after - before)) or "-",
-                ",".join(sorted(before - after)) or "-",
-            )
 
     def _add_pool(self, host: Host) -> Any:
         """A pool for a host DNS added, opening (the subclass's kind of pool)."""

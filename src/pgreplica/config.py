@@ -143,6 +143,10 @@ class DatabaseConfig:
     replicas_dns: str | None = None
     """A DNS name whose A or SRV records (a name starting with ``_``) are the replicas,
     refreshed while running (:mod:`pgreplica.dns`); on top of :attr:`replicas`."""
+    patroni: tuple[str, ...] = ()
+    """Patroni REST API addresses (``http://db1:8008``): with :attr:`discover`, the
+    members of the Patroni cluster are the hosts (``GET /cluster``), followed while
+    running; roles are still found by probing the servers."""
     discover: bool = False
     """The hosts have no fixed roles (``hosts = [...]`` or a multi-host DSN): the
     prober finds the primary among :attr:`primary` and :attr:`replicas`, and follows
@@ -181,6 +185,8 @@ class Settings:
     dns_servers: tuple[str, ...] = ()
     """Name servers (``"10.0.0.2"``, ``"127.0.0.1:8600"``) for ``replicas_dns``; empty:
     the system's resolver."""
+    patroni_interval: float = 10.0
+    """Time between two reads of a Patroni cluster's members (``patroni``)."""
     dns_interval: float = 30.0
     """Shortest time between two lookups of a ``replicas_dns`` name (a record's TTL
     lengthens it), with a jitter of +-10 %."""
@@ -203,6 +209,7 @@ class Settings:
             "backoff_initial",
             "backoff_max",
             "dns_interval",
+            "patroni_interval",
         ):
             _check_number(name, getattr(self, name), positive=True)
         if not isinstance(self.enabled, bool):
@@ -301,9 +308,22 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
         where = f"databases.{name}"
         if not isinstance(entry, Mapping):
             raise ConfigError(where, "expected a table with primary and replicas")
-        unknown = set(entry) - {"primary", "replicas", "rollout", "hosts", "replicas_dns"}
+        unknown = set(entry) - {
+            "primary",
+            "replicas",
+            "rollout",
+            "hosts",
+            "replicas_dns",
+            "patroni",
+        }
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
+        if (
+            "patroni" in entry
+            and "hosts" not in entry
+            and not _multi_host(entry.get("primary"), f"{where}.primary")
+        ):
+            raise ConfigError(f"{where}.patroni", "needs hosts (roles found by probing)")
         reused = env.get(f"{ENV_PREFIX}REUSE_PRIMARY_{name.upper()}", "").strip()
         if not reused and (
             "hosts" in entry or _multi_host(entry.get("primary"), f"{where}.primary")
@@ -409,7 +429,22 @@ def _discovered(name: str, entry: Mapping[str, Any], where: str) -> DatabaseConf
             hosts.append(dsn)
     if entry.get("rollout") is not None:
         raise ConfigError(f"{where}.rollout", 'a rollout needs a shared primary (primary = "main")')
-    return DatabaseConfig(name, hosts[0], tuple(hosts[1:]), discover=True)
+    patroni = _patroni_urls(entry.get("patroni"), f"{where}.patroni")
+    return DatabaseConfig(name, hosts[0], tuple(hosts[1:]), discover=True, patroni=patroni)
+
+
+def _patroni_urls(value: Any, setting: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ConfigError(setting, "expected a list of Patroni REST API URLs")
+    urls = []
+    for item in items:
+        if not isinstance(item, str) or not re.fullmatch(r"https?://[^/\s]+/?", item):
+            raise ConfigError(setting, f"expected http://host:port, got {str(item)[:60]!r}")
+        urls.append(item.rstrip("/"))
+    return tuple(urls)
 
 
 def parse_rollout(setting: str, value: Any) -> float | None:
