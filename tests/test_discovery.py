@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 
+import psycopg
 import pytest
 
 import pgreplica
@@ -144,6 +145,9 @@ class Workload:
                         port = conn.execute("SELECT inet_server_port()").fetchone()[0]
                 except pgreplica.HostUnavailable as exc:
                     self.read_errors.append(exc.reason)
+                    continue
+                except psycopg.OperationalError as exc:  # in flight on the server killed
+                    self.read_errors.append(type(exc).__name__)
                     continue
                 self.stale += row is None
                 where = self.ports.get(port, str(port))
