@@ -532,7 +532,29 @@ class Router:
     ) -> tuple[list[Host], list[Host]]:
         """Make the replicas DNS gave ``route`` these (besides its configured ones):
         ``(added, removed)``, hosts new to the router and hosts no database uses any
-        more. An added host reads once probed; a removed one leaves the read set now."""
+        more. An added host reads once probed; a removed one leaves the read set now.
+        The primary, or a host with another role, is not taken as a replica."""
+        hosts, added = self._hosts_for(dsns, discovered=False)
+        hosts = [h for h in hosts if h not in route.static_replicas]
+        leaving = [h for h in route.replicas if h not in hosts and h not in route.static_replicas]
+        route.replicas = (*route.static_replicas, *hosts)
+        return added, self._rejoin(route, hosts, leaving)
+
+    def set_members(
+        self, route: DatabaseRoute, dsns: Sequence[Dsn]
+    ) -> tuple[list[Host], list[Host]]:
+        """The hosts of a database without fixed roles are now these (from Patroni):
+        ``(added, removed)``. Roles are found by probing, as for configured hosts."""
+        members, added = self._hosts_for(dsns, discovered=True)
+        if not members:
+            return added, []
+        leaving = [h for h in route.members if h not in members]
+        route.members = tuple(members)
+        return added, self._rejoin(route, members, leaving)
+
+    def _hosts_for(self, dsns: Sequence[Dsn], *, discovered: bool) -> tuple[list[Host], list[Host]]:
+        """``(hosts, added)`` of ``dsns``: known hosts of the same kind (a replica from
+        DNS, or a member without a fixed role), and new ones."""
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         hosts: list[Host] = []
         added: list[Host] = []
@@ -540,50 +562,20 @@ class Router:
             host = self.hosts.get(dsn.conninfo)
             if host is None:
                 host = Host(dsn, configured_primary=False, backoff=backoff)
+                host.discovered = discovered
                 self.hosts[dsn.conninfo] = host
                 added.append(host)
-            elif host.configured_primary or host.discovered:
-                continue  # the primary (or a host with another role) is not a replica here
-            if host not in hosts and host not in route.static_replicas:
+            elif host.discovered != discovered or (host.configured_primary and not discovered):
+                continue  # a host with another role
+            if host not in hosts:
                 hosts.append(host)
-        leaving = [h for h in route.replicas if h not in hosts and h not in route.static_replicas]
-        route.replicas = (*route.static_replicas, *hosts)
-        for host in hosts:
-            if route.name not in host.databases:
-                host.databases = (*host.databases, route.name)
-        removed: list[Host] = []
-        for host in leaving:
-            host.databases = tuple(d for d in host.databases if d != route.name)
-            if not host.databases:
-                self.hosts.pop(host.dsn.conninfo, None)
-                removed.append(host)
-        self.refresh()
-        return added, removed
+        return hosts, added
 
-    def set_members(
-        self, route: DatabaseRoute, dsns: Sequence[Dsn]
-    ) -> tuple[list[Host], list[Host]]:
-        """The hosts of a database without fixed roles are now these (from Patroni):
-        ``(added, removed)``. Roles are found by probing, as for configured hosts."""
-        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
-        members: list[Host] = []
-        added: list[Host] = []
-        for dsn in dsns:
-            host = self.hosts.get(dsn.conninfo)
-            if host is None:
-                host = Host(dsn, configured_primary=False, backoff=backoff)
-                host.discovered = True
-                self.hosts[dsn.conninfo] = host
-                added.append(host)
-            elif not host.discovered:
-                continue  # a host with a fixed role elsewhere
-            if host not in members:
-                members.append(host)
-        if not members:
-            return [], []
-        leaving = [h for h in route.members if h not in members]
-        route.members = tuple(members)
-        for host in members:
+    def _rejoin(self, route: DatabaseRoute, hosts: list[Host], leaving: list[Host]) -> list[Host]:
+        """Record which databases use ``hosts`` and the hosts ``leaving`` ``route``;
+        the hosts no database uses any more (but the primary) are dropped, and
+        returned. The read sets are computed again."""
+        for host in hosts:
             if route.name not in host.databases:
                 host.databases = (*host.databases, route.name)
         removed: list[Host] = []
@@ -593,7 +585,7 @@ class Router:
                 self.hosts.pop(host.dsn.conninfo, None)
                 removed.append(host)
         self.refresh()
-        return added, removed
+        return removed
 
     def make_prober(self) -> Prober:
         s = self.settings

@@ -127,6 +127,33 @@ class TokenExchange:
         return names
 
 
+class Middleware:
+    """What the ASGI and WSGI middleware share: the token exchange, the balancer, the
+    sticking store and the ``identify`` callable."""
+
+    asynchronous = False
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        lb: BalancerBase,
+        key: bytes | str,
+        header: str = HEADER,
+        cookie: str = COOKIE,
+        safe_methods: Collection[str] = SAFE_METHODS,
+        sticking: Any = None,
+        identify: Identify | None = None,
+    ) -> None:
+        self.app = app
+        self.exchange = TokenExchange(
+            lb, key, header=header, cookie=cookie, safe_methods=safe_methods
+        )
+        self.lb = lb
+        self.sticking = sticking_for(sticking, lb, asynchronous=self.asynchronous)
+        self.identify = identify
+
+
 def cookie_value(cookie_header: str | None, name: str) -> str | None:
     """The value of cookie ``name`` in a ``Cookie`` header (quotes removed, as the
     cookie Django sets for a token is quoted)."""

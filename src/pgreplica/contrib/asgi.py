@@ -28,22 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Collection, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 from pgreplica._balancer_async import AsyncLoadBalancer
-from pgreplica.balancer import BalancerBase
 from pgreplica.context import Collected, collecting, current_state
-from pgreplica.contrib._web import (
-    COOKIE,
-    HEADER,
-    SAFE_METHODS,
-    Identify,
-    TokenExchange,
-    logger,
-    sticking_for,
-)
+from pgreplica.contrib._web import COOKIE, HEADER, Middleware, logger
 from pgreplica.errors import HostUnavailable
 from pgreplica.lsn import CausalToken
 
@@ -55,32 +46,18 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class PgReplicaMiddleware:
+class PgReplicaMiddleware(Middleware):
     """Pure ASGI middleware. ``lb`` is a :class:`~pgreplica.LoadBalancer` or
     :class:`~pgreplica.AsyncLoadBalancer`; ``key`` signs and verifies tokens;
     ``sticking`` is ``"memory"``, a ``redis://`` URL or an ``AsyncSticking``;
-    ``identify(scope)`` (sync or async) returns the user id for sticking, or None."""
+    ``identify(scope)`` (sync or async) returns the user id for sticking, or None.
+    Also: ``header``, ``cookie`` (the names) and ``safe_methods``."""
 
-    def __init__(
-        self,
-        app: Callable[[Scope, Receive, Send], Awaitable[None]],
-        *,
-        lb: BalancerBase,
-        key: bytes | str,
-        header: str = HEADER,
-        cookie: str = COOKIE,
-        safe_methods: Collection[str] = SAFE_METHODS,
-        sticking: Any = None,
-        identify: Identify | None = None,
-    ) -> None:
-        self.app = app
-        self.exchange = TokenExchange(
-            lb, key, header=header, cookie=cookie, safe_methods=safe_methods
-        )
-        self.lb = lb
-        self.sticking = sticking_for(sticking, lb, asynchronous=True)
-        self.identify = identify
-        self._header = header.lower().encode("latin-1")
+    asynchronous = True
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], **kw: Any) -> None:
+        super().__init__(app, **kw)
+        self._header = self.exchange.header_lower.encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

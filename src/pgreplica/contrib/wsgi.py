@@ -17,21 +17,12 @@ the app returns its response, so a body generated lazily afterwards runs outside
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
-from pgreplica.balancer import BalancerBase
 from pgreplica.context import collecting, current_state
-from pgreplica.contrib._web import (
-    COOKIE,
-    HEADER,
-    SAFE_METHODS,
-    Identify,
-    TokenExchange,
-    logger,
-    sticking_for,
-)
+from pgreplica.contrib._web import COOKIE, HEADER, Middleware, logger
 from pgreplica.errors import HostUnavailable
 
 __all__ = ["COOKIE", "HEADER", "PgReplicaMiddleware"]
@@ -39,31 +30,17 @@ __all__ = ["COOKIE", "HEADER", "PgReplicaMiddleware"]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-class PgReplicaMiddleware:
+class PgReplicaMiddleware(Middleware):
     """WSGI middleware. ``lb`` is a :class:`~pgreplica.LoadBalancer`; ``key`` signs and
     verifies tokens; ``sticking`` is ``"memory"``, a ``redis://`` URL or a ``Sticking``;
-    ``identify(environ)`` returns the user id for sticking, or None."""
+    ``identify(environ)`` returns the user id for sticking, or None. Also: ``header``,
+    ``cookie`` (the names) and ``safe_methods``."""
 
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        lb: BalancerBase,
-        key: bytes | str,
-        header: str = HEADER,
-        cookie: str = COOKIE,
-        safe_methods: Collection[str] = SAFE_METHODS,
-        sticking: Any = None,
-        identify: Identify | None = None,
-    ) -> None:
-        self.app = app
-        self.exchange = TokenExchange(
-            lb, key, header=header, cookie=cookie, safe_methods=safe_methods
-        )
-        self.lb = lb
-        self.sticking = sticking_for(sticking, lb, asynchronous=False)
-        self.identify = identify
-        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
+    app: WSGIApp
+
+    def __init__(self, app: WSGIApp, **kw: Any) -> None:
+        super().__init__(app, **kw)
+        self._environ_key = "HTTP_" + self.exchange.header.upper().replace("-", "_")
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
