@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python -m bench.classify
 	$(BIN)/python -m bench.dump
 	$(BIN)/python -m bench.sqlalchemy_session
+	$(BIN)/python -m bench.pgbouncer
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache

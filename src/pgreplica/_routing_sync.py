@@ -41,6 +41,26 @@ __all__ = ["CursorProxy", "RoutingConnection", "RoutingCursor"]
 AConn = Connection[Any]
 
 _SESSION_KINDS = frozenset({"set", "session_set"})
+
+
+def _refuse_session_state(c: Classification) -> None:
+    """With ``transaction_pooling``: session state outlives the transaction on a server
+    connection the pooler hands to other clients next, and is gone from the next
+    transaction of this one. Refused before it runs; ``SET LOCAL`` is fine."""
+    what = None
+    if c.kind in _SESSION_KINDS or c.reason in ("set_config", "set_config_mixed"):
+        what = "a session-level SET (use SET LOCAL inside a transaction)"
+    elif any(op == "+" for op, _ in c.effects):
+        what = "session state (a temporary object, LISTEN, or a session setting)"
+    elif c.kind in ("prepare", "execute", "deallocate"):
+        what = "a prepared statement (PREPARE lives on one server connection)"
+    if what is not None:
+        raise PgReplicaError(
+            f"transaction_pooling is on: {what} would leak to other clients of the"
+            " pooler's server connection; refused"
+        )
+
+
 _CONNECTION_BOUND = frozenset({"prepare", "execute", "deallocate", "cursor"})
 _IDLE = TransactionStatus.IDLE
 
@@ -282,6 +302,8 @@ class RoutingConnection:
         """Classify ``query``, pick its host, and ``run(conn, host)`` there, retrying
         once elsewhere where that is safe. Returns the host and connection used."""
         c = self._lb.classify(query, self._route.name)
+        if self._lb.settings.transaction_pooling:
+            _refuse_session_state(c)
         host, reason = self._choose(c, server_cursor)
         host, conn, reason = self._connect(host, reason)
         if (c.kind in _SESSION_KINDS or c.reason == "set_config") and self._pinned is None:

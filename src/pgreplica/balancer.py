@@ -928,6 +928,9 @@ class BalancerBase:
                 "autocommit": True,
                 "application_name": s.application_name,
                 "connect_timeout": max(1, round(s.connect_timeout)),
+                # a prepared statement lives on one server connection: not through a
+                # pooler in transaction mode
+                **({"prepare_threshold": None} if s.transaction_pooling else {}),
             },
             "open": False,
             "timeout": s.connect_timeout,

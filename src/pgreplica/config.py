@@ -182,6 +182,12 @@ class Settings:
     """Prometheus metrics labelled by ``db_config_name`` (:mod:`pgreplica.metrics`)."""
     opentelemetry: bool = False
     """Routing attributes on the active OpenTelemetry span (:mod:`pgreplica.otel`)."""
+    transaction_pooling: bool = False
+    """The servers are reached through a pooler in transaction mode (PgBouncer
+    ``pool_mode = transaction``): pooled connections never prepare statements, and a
+    routing connection refuses session state (``SET``, temporary objects, ``LISTEN``,
+    ``PREPARE``, cursors ``WITH HOLD``), which would outlive the transaction on a server
+    connection other clients get next."""
     dns_servers: tuple[str, ...] = ()
     """Name servers (``"10.0.0.2"``, ``"127.0.0.1:8600"``) for ``replicas_dns``; empty:
     the system's resolver."""

@@ -397,7 +397,9 @@ class Prober:
                 system = await asyncio.wait_for(_system_identifier(conn), self.timeout)
                 host.system_identifier = system or host.system_identifier
             started_at = time.monotonic()
-            future: asyncio.Future[object] = asyncio.ensure_future(_query(conn))
+            future: asyncio.Future[object] = asyncio.ensure_future(
+                _query(conn, self.statement_timeout_ms)
+            )
             future.add_done_callback(_retrieve)
             try:
                 done, _ = await asyncio.wait({future}, timeout=self.timeout)
@@ -446,7 +448,10 @@ class Prober:
             autocommit=True,
             connect_timeout=max(1, round(self.connect_timeout)),
             application_name=f"{self.application_name}-prober",
-            options=f"-c statement_timeout={self.statement_timeout_ms}",
+            # No startup options (a pooler such as PgBouncer refuses them) and no
+            # prepared statements (a pooler in transaction mode cannot keep them): the
+            # probe sets its statement timeout in its own query.
+            prepare_threshold=None,
         )
 
 
@@ -496,8 +501,13 @@ def _retrieve(future: asyncio.Future[object]) -> None:
         future.exception()
 
 
-async def _query(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> tuple[object, ...]:
-    cur = await conn.execute(PROBE_SQL)
+async def _query(
+    conn: psycopg.AsyncConnection[tuple[object, ...]], timeout_ms: int
+) -> tuple[object, ...]:
+    """The probe, in one query that bounds itself: the server cancels it after
+    ``timeout_ms`` (SET LOCAL holds for this implicit transaction only)."""
+    cur = await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}; {PROBE_SQL}")
+    cur.nextset()  # past SET's result to the probe's
     row = await cur.fetchone()
     assert row is not None
     return row
