@@ -18,7 +18,7 @@ from typing import Any
 from pgreplica.balancer import BalancerBase
 from pgreplica.context import Collected
 from pgreplica.errors import ConfigError, TokenError
-from pgreplica.lsn import EMPTY_TOKEN, CausalToken
+from pgreplica.lsn import _CLOCK_SKEW, EMPTY_TOKEN, CausalToken
 
 logger = logging.getLogger("pgreplica.web")
 
@@ -71,11 +71,12 @@ class TokenExchange:
 
     def bounded(self, token: CausalToken, issued: float) -> CausalToken:
         """``token`` without the positions its primary, probed after the token was
-        signed (``issued``, Unix seconds), has not reached: a position that was never
-        this primary's (a failed position read, another cluster, a forgery) would
-        otherwise make every request of the client wait for replicas and read the
-        primary, and come back re-signed. The signer read each position after its
-        commit, so a primary probed since then has reached every genuine one."""
+        signed (``issued``, Unix seconds, whole), has not reached: a position that was
+        never this primary's (a failed position read, another cluster, a forgery)
+        would otherwise send every read of the client to the primary. The signer read
+        each position after its commit, so a primary probed since then has reached
+        every genuine one. "Since then" allows for the signer's clock (another app
+        server) being behind this one's by up to the clock skew tokens tolerate."""
         router = self.lb._router
         offset = time.time() - time.monotonic()  # wall clock = monotonic + offset
         dropped = []
@@ -86,7 +87,7 @@ class TokenExchange:
             primary = route.primary
             if (
                 primary.probed_at is not None
-                and primary.probe_started_at + offset > issued
+                and primary.probe_started_at + offset > issued + 1 + _CLOCK_SKEW
                 and position > primary.replay_lsn
                 and primary.replay_lsn
             ):
@@ -109,6 +110,15 @@ class TokenExchange:
         if secure:
             item["secure"] = True
         return [(self.header, signed), ("Set-Cookie", item.OutputString())]
+
+    @staticmethod
+    def returned(base: CausalToken, positions: CausalToken) -> CausalToken:
+        """The token a response returns: ``positions`` (read after the request's work,
+        at or past every genuine position the request came with), and the request's
+        own token for the other databases. An incoming position is not signed again
+        where a newer one was read: one the primary never reached does not live on."""
+        others = [name for name, _ in base.items() if not positions.get(name)]
+        return positions | base.only(others)
 
     def databases_read_on_primary(self, collected: Collected) -> list[str]:
         """Databases the request read on their primary but did not write: the next

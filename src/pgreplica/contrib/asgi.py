@@ -125,7 +125,7 @@ class PgReplicaMiddleware(Middleware):
                 logger.warning("pgreplica_token_not_advanced reason=%s", exc.reason)
         if not positions:
             return None
-        return base | positions
+        return self.exchange.returned(base, positions)
 
     async def _primary_positions(self, databases: list[str]) -> CausalToken:
         lb = self.lb

@@ -72,7 +72,7 @@ class PgReplicaMiddleware(Middleware):
                     except HostUnavailable as exc:
                         logger.warning("pgreplica_token_not_advanced reason=%s", exc.reason)
                 if positions:
-                    token = base | positions
+                    token = self.exchange.returned(base, positions)
                     secure = environ.get("wsgi.url_scheme") == "https"
                     headers = [*headers, *exchange.outgoing(token, secure=secure)]
                     who = ident
