@@ -563,3 +563,27 @@ def test_a_second_database_sharing_the_held_primary_takes_no_second_connection(
             assert time.monotonic() - started < lb.settings.connect_timeout
         finally:
             healthy_cluster.lag(2, 0)
+
+
+def test_statements_carry_their_comment_and_are_counted(
+    lb: pgreplica.LoadBalancer, healthy_cluster: LocalCluster
+) -> None:
+    """As core units: each statement ends with the db_config_name comment
+    (sql_comments), and a usage scope counts reads on replicas and writes."""
+    from pgreplica import observe
+
+    Session = sessionmaker(class_=RoutingSession, lb=lb)
+    with observe.usage() as used, pgreplica.tags(endpoint="items"):
+        with Session() as session:
+            text_seen = session.execute(select(func.current_query())).scalar_one()
+            assert "db_config_name='main_replica'" in text_seen
+            assert "endpoint='items'" in text_seen
+        with Session() as session:
+            session.add(Item(title="counted"))
+            session.flush()
+            text_seen = session.execute(select(func.current_query())).scalar_one()
+            assert "db_config_name='main'" in text_seen
+            session.commit()
+    summary = used.summary()
+    assert summary.get("db_replica_count", 0) >= 1, summary
+    assert summary.get("db_primary_count", 0) >= 2, summary

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -76,8 +77,10 @@ from pgreplica.balancer import (
     record_commit,
     standby_refusal,
 )
+from pgreplica.comments import comment_for, with_comment
 from pgreplica.context import current_state, note_read
 from pgreplica.health import Host, error_reason
+from pgreplica.observe import WATCH, Event, record
 from pgreplica.sql import classify
 
 __all__ = ["AsyncRoutingSession", "RoutingSession", "engine_for"]
@@ -209,6 +212,7 @@ class _Engines:
         pool = engine.pool
         assert isinstance(pool, _LentPool)
         pool._pgreplica = (lb, host)
+        _observe(engine, lb, host, route)
         dialect = engine.dialect
         # The end of a read-only transaction on a replica that died meanwhile: nothing
         # was written, so nothing is lost; the reads already returned. Not an error.
@@ -223,6 +227,42 @@ class _Engines:
             engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             engine.dispose()
+
+
+def _observe(engine: Engine, lb: Balancer, host: Host, route: DatabaseRoute) -> None:
+    """What core units do per statement, for this engine's statements: the
+    ``db_config_name`` comment (setting ``sql_comments``) and, while anything watches
+    (metrics, usage, OpenTelemetry), one :class:`~pgreplica.observe.Event` each."""
+    comments = lb._comments
+
+    def config_name() -> tuple[bool, str]:
+        primary = host is route.primary
+        return primary, route.primary_config_name if primary else route.replica_config_name
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def before(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> tuple[str, Any]:
+        if WATCH.on:
+            conn.info["pgreplica_started"] = time.perf_counter()
+        if comments:
+            statement = with_comment(statement, comment_for(config_name()[1]), parameters)
+        return statement, parameters
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def after(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        started = conn.info.pop("pgreplica_started", None)
+        if started is None or not WATCH.on:
+            return
+        primary, name = config_name()
+        wrote = bool(
+            context is not None and (context.isinsert or context.isupdate or context.isdelete)
+        )
+        reason = "primary" if primary else "replica"
+        elapsed = time.perf_counter() - started
+        record(Event(route.name, name, primary, reason, elapsed, wrote, host.label), cached=False)
 
 
 #: The WAL position read in the same round trip as a read-write transaction's COMMIT,
