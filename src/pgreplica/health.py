@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 
 import psycopg
@@ -394,30 +394,16 @@ class Prober:
         try:
             if conn is None or conn.closed:
                 conn = await asyncio.wait_for(self._connect(host), self.connect_timeout + 0.5)
-                system = await asyncio.wait_for(_system_identifier(conn), self.timeout)
-                host.system_identifier = system or host.system_identifier
+                answered, system = await self._bounded(_system_identifier(conn), host, conn, stuck)
+                if not answered:
+                    return None
+                host.system_identifier = str(system) if system else host.system_identifier
             started_at = time.monotonic()
-            future: asyncio.Future[object] = asyncio.ensure_future(
-                _query(conn, self.statement_timeout_ms)
+            answered, row = await self._bounded(
+                _query(conn, self.statement_timeout_ms), host, conn, stuck
             )
-            future.add_done_callback(_retrieve)
-            try:
-                done, _ = await asyncio.wait({future}, timeout=self.timeout)
-            except asyncio.CancelledError:
-                # Stopping: let the query finish or be cancelled before the connection
-                # is closed under it (bounded: the server may be hung).
-                future.cancel()
-                await asyncio.wait({future}, timeout=1.0)
-                raise
-            if not done:
-                # Do not wait for the stuck query to be cancelled: mark down now.
-                future.cancel()
-                stuck.add(future)
-                future.add_done_callback(stuck.discard)
-                host.record_failure("ProbeTimeout", f"no answer within {self.timeout:g}s")
-                _abandon(conn)
+            if not answered:
                 return None
-            row = future.result()
             assert isinstance(row, tuple)
             in_recovery, lsn_text, receive_text, replay_age, timeline, flush_text = row
             host.record_probe(
@@ -431,8 +417,11 @@ class Prober:
             )
             if not in_recovery and host.timeline and host.timeline != host.history_timeline:
                 tli = host.timeline
-                host.history = await asyncio.wait_for(_history(conn, tli), self.timeout)
-                host.history_timeline = tli
+                answered, history = await self._bounded(_history(conn, tli), host, conn, stuck)
+                if not answered:
+                    return None
+                assert isinstance(history, dict)
+                host.history, host.history_timeline = history, tli
             return conn
         except asyncio.CancelledError:
             raise
@@ -441,6 +430,36 @@ class Prober:
             if conn is not None:
                 await _close_quietly(conn)
             return None
+
+    async def _bounded(
+        self,
+        query: Coroutine[object, object, object],
+        host: Host,
+        conn: psycopg.AsyncConnection[tuple[object, ...]],
+        stuck: set[asyncio.Future[object]],
+    ) -> tuple[bool, object]:
+        """``(True, result)`` of a probe query within ``timeout``; else ``(False, None)``,
+        the host marked down at once and the connection abandoned, without waiting
+        for the stuck query to be cancelled (a hung server, or a pooler that holds the
+        query while it has no server connection, may never answer the cancel)."""
+        future: asyncio.Future[object] = asyncio.ensure_future(query)
+        future.add_done_callback(_retrieve)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=self.timeout)
+        except asyncio.CancelledError:
+            # Stopping: let the query finish or be cancelled before the connection
+            # is closed under it (bounded: the server may be hung).
+            future.cancel()
+            await asyncio.wait({future}, timeout=1.0)
+            raise
+        if not done:
+            future.cancel()
+            stuck.add(future)
+            future.add_done_callback(stuck.discard)
+            host.record_failure("ProbeTimeout", f"no answer within {self.timeout:g}s")
+            _abandon(conn)
+            return False, None
+        return True, future.result()
 
     async def _connect(self, host: Host) -> psycopg.AsyncConnection[tuple[object, ...]]:
         return await psycopg.AsyncConnection.connect(
