@@ -250,3 +250,42 @@ def test_a_demoted_primary_rejoins_as_a_replica_once_it_qualifies() -> None:
     a.record_probe(True, far, far, 0.0, timeline=2, system_identifier=sysid)
     router.refresh()
     assert set(route.read_set) == {a, c}
+
+
+def test_an_asyncio_balancer_finds_the_primary_for_every_kind_of_unit(
+    cluster: LocalCluster,
+) -> None:
+    """The same discovery through AsyncLoadBalancer: write units, read units and the
+    routing connection go where the probes found the roles."""
+    import asyncio
+
+    cluster.execute(0, TABLE)
+    cluster.wait_replayed()
+    hosts = [cluster.dsn(1), cluster.dsn(0), cluster.dsn(2)]
+    replicas = {cluster.port(1), cluster.port(2)}
+
+    async def scenario() -> tuple[int, int, int, int]:
+        config = {"databases": {"main": {"hosts": hosts}}}
+        async with pgreplica.AsyncLoadBalancer(config=config) as alb:
+            async with alb.write() as conn:
+                cur = await conn.execute("SELECT inet_server_port()")
+                written = (await cur.fetchone())[0]
+            cluster.wait_replayed()
+            async with alb.read() as conn:
+                cur = await conn.execute("SELECT inet_server_port()")
+                read = (await cur.fetchone())[0]
+            async with alb.connection() as conn:
+                await conn.set_autocommit(True)
+                cur = await conn.execute("SELECT inet_server_port()")
+                routed_read = (await cur.fetchone())[0]
+                cur = await conn.execute(
+                    "INSERT INTO disc_items VALUES (-1) ON CONFLICT DO NOTHING"
+                    " RETURNING inet_server_port()"
+                )
+                row = await cur.fetchone()
+                routed_write = row[0] if row else cluster.port(0)
+            return written, read, routed_read, routed_write
+
+    written, read, routed_read, routed_write = asyncio.run(scenario())
+    assert written == cluster.port(0) and routed_write == cluster.port(0)
+    assert read in replicas and routed_read in replicas

@@ -782,24 +782,11 @@ class BalancerBase:
                 if targets:
                     seed = route.members[0].dsn
                     dsns = dns.replica_dsns(seed, targets, setting)
-                    await self._apply_members(route, dsns)
+                    await self._apply_hosts(route, dsns, members=True)
                 if await self._prober._sleep(self.settings.patroni_interval):
                     return
 
         return watch
-
-    async def _apply_members(self, route: DatabaseRoute, dsns: list[Dsn]) -> None:
-        before = {h.label for h in route.members}
-        added, removed = self._router.set_members(route, dsns)
-        await self._track(added, removed)
-        after = {h.label for h in route.members}
-        if after != before:
-            logger.info(
-                "members database=%s added=%s removed=%s",
-                route.name,
-                ",".join(sorted(after - before)) or "-",
-                ",".join(sorted(before - after)) or "-",
-            )
 
     def _watch_dns(self, route: DatabaseRoute) -> Callable[[], Awaitable[None]]:
         """The loop (run by the prober, in its event loop) that keeps ``route``'s
@@ -824,20 +811,28 @@ class BalancerBase:
                     )
                 else:
                     dsns = dns.replica_dsns(route.primary.dsn, targets, setting)
-                    await self._apply_dns(route, dsns)
+                    await self._apply_hosts(route, dsns, members=False)
                 if await self._prober._sleep(dns.next_lookup_in(ttl, settings.dns_interval)):
                     return
 
         return watch
 
-    async def _apply_dns(self, route: DatabaseRoute, dsns: list[Dsn]) -> None:
-        before = {h.label for h in route.replicas}
-        added, removed = self._router.set_dns_replicas(route, dsns)
+    async def _apply_hosts(self, route: DatabaseRoute, dsns: list[Dsn], *, members: bool) -> None:
+        """Hosts discovery gave ``route``: its members (Patroni) or its replicas from
+        DNS. Pools and probes follow; a change is logged (``members`` or
+        ``dns_replicas``)."""
+        attribute = "members" if members else "replicas"
+        before = {h.label for h in getattr(route, attribute)}
+        if members:
+            added, removed = self._router.set_members(route, dsns)
+        else:
+            added, removed = self._router.set_dns_replicas(route, dsns)
         await self._track(added, removed)
-        after = {h.label for h in route.replicas}
+        after = {h.label for h in getattr(route, attribute)}
         if after != before:
             logger.info(
-                "dns_replicas database=%s added=%s removed=%s",
+                "%s database=%s added=%s removed=%s",
+                "members" if members else "dns_replicas",
                 route.name,
                 ",".join(sorted(after - before)) or "-",
                 ",".join(sorted(before - after)) or "-",
