@@ -596,7 +596,9 @@ def update_readme(readme: Path, block: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="bench/results")
     parser.add_argument("--out", type=Path, default=REPORT, help="bench/REPORT.md")
     parser.add_argument("--readme", type=Path, default=README, help="README.md to update")
