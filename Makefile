@@ -2,6 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install demo test lint bench clean
 
@@ -24,17 +25,15 @@ lint: install
 	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy --strict src
 
-bench: install
-	$(BIN)/python -m bench.overhead
-	$(BIN)/python -m bench.failover
-	$(BIN)/python -m bench.token_cost
-	$(BIN)/python -m bench.tagging
-	$(BIN)/python -m bench.pubsub
-	$(BIN)/python -m bench.routing
-	$(BIN)/python -m bench.classify
-	$(BIN)/python -m bench.dump
-	$(BIN)/python -m bench.sqlalchemy_session
-	$(BIN)/python -m bench.pgbouncer
+# The bench extra (matplotlib, for the report's charts) on top of install's.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Every scenario, then bench/REPORT.md and the README headline from bench/results/.
+# BENCH_ARGS goes to bench.run, e.g. make bench BENCH_ARGS="--only overhead,offload".
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache
