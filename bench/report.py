@@ -397,7 +397,7 @@ def draw(figure_class: Any, chart: dict[str, Any], path: Path) -> None:
         marker = "o" if len(x) <= 30 else None
         for label, ys in series.items():
             ax.plot(xs, [nan if y is None else y for y in ys], marker=marker, label=str(label))
-        if not numeric_x:
+        if not numeric_x or len(set(x)) == 1:  # a single x: its tick, not -0.04..0.04
             ax.set_xticks(xs, categories)
         if chart["logx"]:
             ax.set_xscale("log")
