@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from bench.overhead import cluster_target, quiet_logging
+from bench.results import Results
 from pgreplica import LoadBalancer, pubsub
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20000, help="per operation")
     args = parser.parse_args(argv)
     quiet_logging()
+    results = Results("pubsub", "pgreplica.pubsub: cost of the WAL-location envelope per message")
     payload = {"event": "item_updated", "id": 12345, "fields": ["title", "price"]}
     with (
         cluster_target(args.config) as target,
@@ -75,6 +77,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pgreplica.pubsub: cost per message (medians of {n} calls), {len(envelope)} B envelope")
     for label, us in rows:
         print(f"  {label:<46} {us:8.1f} us")
+    results.table(
+        "Cost per message",
+        ["operation", "median (us)"],
+        [(label, round(us, 1)) for label, us in rows],
+        note=(
+            f"Medians of {n} calls ({n // 4} for the consumer call), {len(envelope)} B"
+            f" envelope of a small JSON payload; target: {target.description}."
+        ),
+    )
+    results.chart(
+        "cost",
+        "pubsub: median cost per message",
+        x=[label for label, _ in rows],
+        series={"median (us)": [round(us, 1) for _, us in rows]},
+        kind="bar",
+        xlabel="operation",
+        ylabel="microseconds",
+    )
+    by_label = dict(rows)
+    results.summary = (
+        f"Wrapping a message in a WAL-location envelope costs"
+        f" {by_label['wrap (JSON payload, position known)']:.0f} us"
+        f" ({by_label['wrap, signed']:.0f} us signed), unwrapping"
+        f" {by_label['unwrap']:.0f} us, and a whole `@pubsub.consumer` call"
+        f" {by_label['@consumer call (unwrap + decision + scope)']:.0f} us (medians)."
+    )
+    results.data = {"iterations": n, "envelope_bytes": len(envelope), "median_us": by_label}
+    results.save()
     return 0
 
 
