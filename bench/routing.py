@@ -20,6 +20,7 @@ import time
 import psycopg
 
 import pgreplica
+from bench.results import Results
 from pgreplica.localcluster import LocalCluster
 
 STATEMENTS = {
@@ -35,16 +36,18 @@ def percentile(samples: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
 
 
-def pin(backend_pids: list[int]) -> None:
+def pin(backend_pids: list[int]) -> str:
     """Run this process and both server backends on one CPU: on a 2-CPU machine a
     backend on the other CPU costs ~40 us per round trip, which would swamp the figure."""
     try:
         cpu = max(os.sched_getaffinity(0))
         for pid in [0, *backend_pids]:
             os.sched_setaffinity(pid, {cpu})
-        print(f"client and both server backends pinned to CPU {cpu}")
+        said = f"client and both server backends pinned to CPU {cpu}"
     except (AttributeError, OSError) as exc:
-        print(f"not pinned ({exc}): figures depend on where the scheduler puts backends")
+        said = f"not pinned ({exc}): figures depend on where the scheduler puts backends"
+    print(said)
+    return said
 
 
 def main() -> None:
@@ -52,6 +55,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20000)
     args = parser.parse_args()
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+    results = Results("routing", "Routing connection: per-statement cost against plain psycopg")
+    rows: list[list[object]] = []
+    pinning = "not measured"
 
     tmp = tempfile.mkdtemp(prefix="pgreplica-bench-")
     os.chmod(tmp, 0o755)
@@ -69,7 +75,7 @@ def main() -> None:
                     conn.execute("SELECT pg_backend_pid()").fetchone()[0],
                     raw.execute("SELECT pg_backend_pid()").fetchone()[0],
                 ]
-                pin(pids)
+                pinning = pin(pids)
                 print(
                     f"{'statement':18} {'A routed':>10} {'B direct':>10} {'added':>8}"
                     f" {'ratio':>6} {'A p99':>8} {'B p99':>8} {'on replica':>11}"
@@ -103,10 +109,56 @@ def main() -> None:
                         f" {percentile(a, 0.99):6.1f}us {percentile(b, 0.99):6.1f}us"
                         f" {on_replica:>5}/{len(a)}"
                     )
+                    rows.append(
+                        [
+                            name,
+                            round(ma, 2),
+                            round(mb, 2),
+                            round(ma - mb, 2),
+                            round(ma / mb, 3),
+                            round(percentile(a, 0.99), 1),
+                            round(percentile(b, 0.99), 1),
+                            f"{on_replica}/{len(a)}",
+                        ]
+                    )
             finally:
                 raw.close()
     finally:
         cluster.destroy()
+    results.table(
+        "lb.connection() (A, routed) against a psycopg connection to the replica (B)",
+        [
+            "statement",
+            "A routed median (us)",
+            "B direct median (us)",
+            "added (us)",
+            "ratio",
+            "A p99 (us)",
+            "B p99 (us)",
+            "A on replica",
+        ],
+        rows,
+        note=(
+            f"{args.iterations} statements per side in autocommit, interleaved in batches"
+            f" of 50 with the order alternating, after 200 warm-up statements; {pinning}."
+        ),
+    )
+    results.chart(
+        "cost",
+        "Median per statement: routed vs direct",
+        x=[r[0] for r in rows],
+        series={"A routed (us)": [r[1] for r in rows], "B direct (us)": [r[2] for r in rows]},
+        kind="bar",
+        xlabel="statement",
+        ylabel="microseconds",
+    )
+    results.summary = (
+        "A routing connection adds "
+        + ", ".join(f"{r[3]} us per statement for {r[0]} (ratio {r[4]})" for r in rows)
+        + " over a plain psycopg connection to the same replica (medians)."
+    )
+    results.data = {"iterations": args.iterations, "pinning": pinning, "rows": rows}
+    results.save()
 
 
 if __name__ == "__main__":
