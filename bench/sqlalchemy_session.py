@@ -58,6 +58,7 @@ from bench.overhead import (
     quiet_shutdown,
     rotation,
 )
+from bench.results import Results
 from bench.token_cost import Arm, interleave, timed
 from pgreplica import AsyncLoadBalancer, LoadBalancer
 from pgreplica.contrib.sqlalchemy import AsyncRoutingSession, RoutingSession
@@ -468,7 +469,87 @@ def main(argv: list[str] | None = None) -> int:
         if where.elsewhere:
             failed = True
             print(f"FAILED: {name} routed reads not served by a replica: {dict(where.elsewhere)}")
+    save(args, describe_pinning(pinning), sync, (arouting, aplain), awhere)
     return 1 if failed else 0
+
+
+def save(
+    args: argparse.Namespace,
+    pinning: str,
+    sync: dict[str, Any],
+    async_stats: tuple[Stats, Stats],
+    awhere: Where,
+) -> None:
+    results = Results("sqlalchemy_session", "SQLAlchemy RoutingSession against a plain Session")
+    cases = [
+        ("per query (open transaction, one select)", *sync["query"]),
+        ("per request (open + one read + close)", *sync["request"]),
+        ("per write unit (add one row + commit)", *sync["write"]),
+        ("asyncio, per request (AsyncRoutingSession)", *async_stats),
+    ]
+    rows = [
+        [
+            case,
+            round(routing.median_us, 1),
+            round(plain.median_us, 1),
+            round(routing.median_us - plain.median_us, 1),
+            round(routing.median_us / plain.median_us, 2),
+            round(routing.p99_us, 1),
+            round(plain.p99_us, 1),
+        ]
+        for case, routing, plain in cases
+    ]
+    results.table(
+        "Routing session against a plain session",
+        [
+            "case",
+            "routing median (us)",
+            "plain median (us)",
+            "added (us)",
+            "ratio",
+            "routing p99 (us)",
+            "plain p99 (us)",
+        ],
+        rows,
+        note=(
+            f"1 primary + {REPLICAS} local replicas; {args.iterations} reads,"
+            f" {args.async_iterations} asyncio requests, {args.write_iterations} write units"
+            f" per arm, interleaved in batches of {args.batch} (order rotated); cpu pinning:"
+            f" {pinning}. Routing reads served by: {sync['request_where'].describe()} (sync),"
+            f" {awhere.describe()} (asyncio)."
+        ),
+    )
+    results.chart(
+        "medians",
+        "Routing vs plain SQLAlchemy session (medians)",
+        x=[r[0].split(" (")[0] for r in rows],
+        series={"routing (us)": [r[1] for r in rows], "plain (us)": [r[2] for r in rows]},
+        kind="bar",
+        xlabel="case",
+        ylabel="microseconds",
+    )
+    results.summary = (
+        "The routing session adds "
+        + "; ".join(f"{r[3]} us {r[0].split(' (')[0]} (ratio {r[4]})" for r in rows)
+        + " over a plain SQLAlchemy session on the same servers (medians)."
+    )
+    elsewhere = {**sync["request_where"].elsewhere, **awhere.elsewhere}
+    results.target(
+        "every routed read served by a replica",
+        "yes" if not elsewhere else f"not on a replica: {dict(elsewhere)}",
+        not elsewhere,
+    )
+    results.data = {
+        "args": vars(args),
+        "cases": {
+            case: {
+                "routing": {"median_us": r.median_us, "p99_us": r.p99_us, "count": r.count},
+                "plain": {"median_us": p.median_us, "p99_us": p.p99_us, "count": p.count},
+            }
+            for case, r, p in cases
+        },
+    }
+    results.save()
 
 
 if __name__ == "__main__":
