@@ -51,6 +51,7 @@ from bench.overhead import (
     quiet_shutdown,
     rotation,
 )
+from bench.results import Results
 from pgreplica import LoadBalancer
 from pgreplica.testing import LocalCluster, make_cluster_directory
 
@@ -180,10 +181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    results = Results("pgbouncer", "PgBouncer in front of the replica: cost per routed read")
     binary = find_pgbouncer()
     if binary is None:
-        print("pgbouncer not found (/usr/sbin/pgbouncer nor on PATH): benchmark skipped")
-        return 0
+        return skipped(results, "pgbouncer not found (/usr/sbin/pgbouncer nor on PATH)")
     quiet_logging()
     started = time.monotonic()
     cluster = LocalCluster(make_cluster_directory(), replicas=1)
@@ -192,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("starting a local primary with 1 streaming replica ...", file=sys.stderr)
         cluster.up()
-        for mode in ("session", "transaction"):
-            bouncers.append(PgBouncer(cluster, mode, binary=binary).start())
+        try:
+            for mode in ("session", "transaction"):
+                bouncers.append(PgBouncer(cluster, mode, binary=binary).start())
+        except Exception as exc:
+            return skipped(results, f"PgBouncer ({binary}) did not start: {exc}")
         session, transaction = bouncers
         options: dict[str, Any] = {"application_name": APPLICATION_NAME}
 
@@ -257,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     direct, unprepared, via_session, via_transaction = stats
+    added_rows = []
     for label, s, base, base_label in [
         ("session pooling", via_session, direct, "direct"),
         ("transaction pooling", via_transaction, unprepared, "direct, unprepared"),
@@ -268,7 +273,16 @@ def main(argv: list[str] | None = None) -> int:
             f" (ratio {s.median_us / base.median_us:.2f}),"
             f" p99 {s.p99_us - base.p99_us:+.1f} us"
         )
+        added_rows.append(
+            [
+                f"{label} vs {base_label}",
+                round(s.median_us - base.median_us, 1),
+                round(s.median_us / base.median_us, 2),
+                round(s.p99_us - base.p99_us, 1),
+            ]
+        )
     print(f"(total run time {elapsed:.0f} s)")
+    save(results, args, arms, stats, added_rows, pinning, binary, version)
 
     ok = True
     for arm in arms:
@@ -279,6 +293,83 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
             print(f"FAILED: {arm.label}: {arm.bad_rows} reads returned a wrong row")
     return 0 if ok else 1
+
+
+def skipped(results: Results, reason: str) -> int:
+    """No measurement: say why, in the output and in the results."""
+    print(f"{reason}: benchmark skipped")
+    results.summary = f"Skipped: {reason}."
+    results.data = {"skipped": reason}
+    results.target("PgBouncer benchmark ran", f"skipped: {reason}", None)
+    results.save()
+    return 0
+
+
+def save(
+    results: Results,
+    args: argparse.Namespace,
+    arms: list[Arm],
+    stats: list[Stats],
+    added_rows: list[list[Any]],
+    pinning: str,
+    binary: str,
+    version: str,
+) -> None:
+    results.table(
+        "lb.read() + SELECT 1, directly and through PgBouncer",
+        ["arm", "median (us)", "p99 (us)", "mean (us)", "min (us)"],
+        [
+            [
+                arm.label,
+                round(s.median_us, 1),
+                round(s.p99_us, 1),
+                round(s.mean_us, 1),
+                round(s.min_us, 1),
+            ]
+            for arm, s in zip(arms, stats, strict=True)
+        ],
+        note=(
+            f"{args.iterations} reads per arm, interleaved in batches of {args.batch} (order"
+            f" rotated every batch) after {args.warmup} warm-up reads; PgBouncer"
+            f" {pgbouncer_version(binary)} on 127.0.0.1, PostgreSQL {version}; cpu pinning:"
+            f" {pinning}."
+        ),
+    )
+    results.table(
+        "Added by PgBouncer",
+        ["comparison", "added median (us)", "ratio", "added p99 (us)"],
+        added_rows,
+    )
+    results.chart(
+        "read",
+        "Median lb.read() + SELECT 1 by arm",
+        x=[arm.label for arm in arms],
+        series={"median (us)": [round(s.median_us, 1) for s in stats]},
+        kind="bar",
+        xlabel="arm",
+        ylabel="microseconds",
+    )
+    results.summary = (
+        "PgBouncer in front of the replica adds "
+        + "; ".join(f"{r[1]:+.1f} us per read in {r[0]} (ratio {r[2]})" for r in added_rows)
+        + " (medians)."
+    )
+    off = {arm.label: arm.off_replica for arm in arms if arm.off_replica}
+    bad = {arm.label: arm.bad_rows for arm in arms if arm.bad_rows}
+    results.target(
+        "every read served by the replica with the right row",
+        "yes" if not off and not bad else f"off replica: {off}; wrong rows: {bad}",
+        not off and not bad,
+    )
+    results.data = {
+        "args": vars(args),
+        "pinning": pinning,
+        "arms": {
+            arm.label: {"median_us": s.median_us, "p99_us": s.p99_us, "count": s.count}
+            for arm, s in zip(arms, stats, strict=True)
+        },
+    }
+    results.save()
 
 
 if __name__ == "__main__":
