@@ -32,6 +32,7 @@ import pglast
 import psycopg
 
 import pgreplica
+from bench.results import Results
 from pgreplica.sql import _classify_cached, classify
 from pgreplica.testing import LocalCluster, make_cluster_directory
 
@@ -214,7 +215,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def save_results(
+    res: Results,
+    args: argparse.Namespace,
+    rows: list[Row],
+    catalog: list[CatalogRow],
+    warm: float,
+    cold: float,
+    round_trip: float | None,
+    payload: dict[str, object],
+) -> None:
+    """``bench/results/classify.json``: the tables and the figures (no targets)."""
+    res.summary = (
+        f"pgreplica.sql.classify() on {len(rows)} statements shaped like Django's and"
+        f" SQLAlchemy's: warm (cached) {warm:.0f} ns per call at the median of"
+        f" {args.batches} batches of {args.batch} calls, cold (parse and walk) {cold:.1f} us"
+        f" per statement at the median of {args.repeat} calls"
+        + (
+            f"; one loopback SELECT 1 through psycopg takes {round_trip:.1f} us."
+            if round_trip is not None
+            else "."
+        )
+    )
+    res.table(
+        "classify(): cold and warm, per statement",
+        ["statement", "target", "reason", "warm ns", "cold µs"],
+        [[r.label, r.target, r.reason, round(r.warm_ns), round(r.cold_us, 1)] for r in rows],
+        "Warm: a text already in the cache (median over batches of the mean per call);"
+        " cold: the uncached parse and walk, call by call (median).",
+    )
+    if catalog:
+        res.table(
+            "lb.classify(): the catalog-aware classifier, per statement",
+            ["statement", "reason", "warm ns", "resolve µs", "lookup µs"],
+            [
+                [c.label, c.reason, round(c.warm_ns), round(c.resolve_us, 1), round(c.lookup_us, 1)]
+                for c in catalog
+            ],
+            "Warm: cached per database; resolve: again from cached catalog facts; lookup:"
+            " after refresh_functions(), asking the catalog.",
+        )
+    res.target("classify() warm, median per call", f"{warm:.0f} ns", None)
+    res.target("classify() cold, median per statement", f"{cold:.1f} µs", None)
+    if round_trip is not None:
+        res.target("loopback SELECT 1 round trip through psycopg", f"{round_trip:.1f} µs", None)
+        res.target(
+            "classify() as a share of one loopback round trip",
+            f"warm {100 * warm / 1000 / round_trip:.2f}%, cold {100 * cold / round_trip:.0f}%",
+            None,
+        )
+    if catalog:
+        res.target(
+            "lb.classify() medians",
+            f"warm {statistics.median(c.warm_ns for c in catalog):.0f} ns, resolve"
+            f" {statistics.median(c.resolve_us for c in catalog):.1f} µs, lookup"
+            f" {statistics.median(c.lookup_us for c in catalog):.1f} µs",
+            None,
+        )
+    res.data = payload
+    res.save()
+
+
 def main(argv: list[str] | None = None) -> int:
+    res = Results("classify", "Statement classification: cold and warm")
     args = parse_args(argv)
     gc.collect()
     gc.disable()
@@ -295,25 +358,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(c.lookup_us for c in catalog):11.1f}"
         )
 
+    payload = {
+        "versions": {
+            "pgreplica": pgreplica.__version__,
+            "pglast": pglast.__version__,
+            "psycopg": psycopg.__version__,
+            "python": platform.python_version(),
+            "postgresql": server_version,
+        },
+        "batches": args.batches,
+        "batch": args.batch,
+        "repeat": args.repeat,
+        "round_trips": None if args.no_server else args.round_trips,
+        "statements": [asdict(r) for r in rows],
+        "median_warm_ns": warm,
+        "median_cold_us": cold,
+        "round_trip_us": round_trip,
+        "lb_classify": [asdict(c) for c in catalog],
+    }
+    save_results(res, args, rows, catalog, warm, cold, round_trip, payload)
     if args.json:
-        payload = {
-            "versions": {
-                "pgreplica": pgreplica.__version__,
-                "pglast": pglast.__version__,
-                "psycopg": psycopg.__version__,
-                "python": platform.python_version(),
-                "postgresql": server_version,
-            },
-            "batches": args.batches,
-            "batch": args.batch,
-            "repeat": args.repeat,
-            "round_trips": None if args.no_server else args.round_trips,
-            "statements": [asdict(r) for r in rows],
-            "median_warm_ns": warm,
-            "median_cold_us": cold,
-            "round_trip_us": round_trip,
-            "lb_classify": [asdict(c) for c in catalog],
-        }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"figures written to {args.json}")
     return 0

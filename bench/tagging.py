@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 
 import pgreplica
-from bench.overhead import cluster_target, quiet_logging
+from bench.overhead import Stats, cluster_target, quiet_logging
+from bench.results import Results
 from bench.token_cost import Arm, interleave, timed
 from pgreplica import LoadBalancer, metrics, observe
 
@@ -60,6 +61,7 @@ def routing_arm(lb: LoadBalancer) -> tuple[Arm, Callable[[], None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    res = Results("tagging", "SQL comments, tags and metrics: cost per statement")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="an existing deployment (pgreplica.toml)")
     parser.add_argument("--iterations", type=int, default=5000, help="per arm (5000)")
@@ -117,7 +119,54 @@ def main(argv: list[str] | None = None) -> int:
         f" per routing-connection statement +{stats[4].median_us - stats[3].median_us:.1f} us;"
         f" metrics per read +{stats[5].median_us - stats[0].median_us:.1f} us"
     )
+    save_results(res, args, target.description, labels, stats)
     return 0
+
+
+def save_results(
+    res: Results, args: argparse.Namespace, description: str, labels: list[str], stats: list[Stats]
+) -> None:
+    """``bench/results/tagging.json``: the table and the added costs (no targets)."""
+    base, rc_base = stats[0].median_us, stats[3].median_us
+    added = {
+        "db_config_name comment per lb.read()": stats[1].median_us - base,
+        "comment with 2 tags per lb.read()": stats[2].median_us - base,
+        "db_config_name comment per routing-connection statement": stats[4].median_us - rc_base,
+        "metrics (Prometheus sink) per lb.read()": stats[5].median_us - base,
+    }
+    res.summary = (
+        f"`lb.read()` + `SELECT 1` and a routing-connection `SELECT 1` on {description},"
+        f" {args.iterations} statements per arm interleaved in rotating batches of"
+        f" {args.batch}: with `sql_comments` off and on (with and without application"
+        " tags), and with the Prometheus sink counting. "
+        + "; ".join(f"{k}: {v:+.1f} µs" for k, v in added.items())
+        + " at the median."
+    )
+    res.table(
+        "Per statement, medians and p99",
+        ["arm", "median µs", "p99 µs", "mean µs"],
+        [
+            [label, round(s.median_us, 2), round(s.p99_us, 2), round(s.mean_us, 2)]
+            for label, s in zip(labels, stats, strict=True)
+        ],
+        "Comments off is the baseline of the lb.read() arms; the routing-connection arms"
+        " compare with each other.",
+    )
+    res.table(
+        "Added per statement at the median",
+        ["what", "added µs"],
+        [[k, round(v, 2)] for k, v in added.items()],
+    )
+    for k, v in added.items():
+        res.target(k, f"{v:+.1f} µs at the median", None)
+    res.data = {
+        "target": description,
+        "iterations": args.iterations,
+        "batch": args.batch,
+        "arms": [{"label": label, **vars(s)} for label, s in zip(labels, stats, strict=True)],
+        "added_median_us": added,
+    }
+    res.save()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import psycopg
 import psycopg_pool
 
 from bench.overhead import Stats, cluster_target, gc_paused, quiet_logging, rotation
+from bench.results import Results
 from pgreplica import CausalToken, LoadBalancer
 
 UPDATE = "UPDATE bench_token SET v = v + 1 WHERE id = 1"
@@ -152,6 +153,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
+    res = Results("token_cost", "Causal token: cost per write and per read")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="an existing deployment (pgreplica.toml)")
     parser.add_argument("--iterations", type=int, default=3000, help="per arm (3000)")
@@ -189,10 +191,69 @@ def main(argv: list[str] | None = None) -> int:
         f"per read with a token: bound +{r[1].median_us - r[0].median_us:.1f} us,"
         f" unbound +{r[2].median_us - r[0].median_us:.1f} us (vs no token)"
     )
+    save_results(res, args, target.description, rows, w, r, wrong)
     if wrong:
         print(f"FAILED: {len(wrong)} token reads were not served by the caught-up replica")
         return 1
     return 0
+
+
+def save_results(
+    res: Results,
+    args: argparse.Namespace,
+    description: str,
+    rows: list[tuple[str, Stats]],
+    w: list[Stats],
+    r: list[Stats],
+    wrong: list[str],
+) -> None:
+    """``bench/results/token_cost.json``: the table and the added costs (no targets)."""
+    figures = {
+        "per write, lb.write() transaction with the token, over a pool transaction": (
+            w[0].median_us - w[1].median_us
+        ),
+        "of which the server's position read (COMMIT; SELECT lsn over plain COMMIT)": (
+            w[2].median_us - w[1].median_us
+        ),
+        "per write, lb.connection() autocommit over a plain autocommit connection": (
+            w[3].median_us - w[4].median_us
+        ),
+        "per read, lb.read() in causal(bound token) over no token": (
+            r[1].median_us - r[0].median_us
+        ),
+        "per read, lb.read() in causal(unbound token) over no token": (
+            r[2].median_us - r[0].median_us
+        ),
+        "adopting a token, lb.causal(token) enter + exit": r[3].median_us,
+    }
+    res.summary = (
+        f"On {description}, {args.iterations} operations per arm interleaved in rotating"
+        f" batches of {args.batch}: writes (one UPDATE of one row) with and without the"
+        " causal token, and reads on the caught-up replica with and without a token. "
+        + "; ".join(f"{k}: {v:+.1f} µs" for k, v in figures.items())
+        + " (medians)."
+        + (f" {len(wrong)} token reads were NOT served by the replica." if wrong else "")
+    )
+    res.table(
+        "Per operation, medians and p99",
+        ["operation", "median µs", "p99 µs", "mean µs"],
+        [
+            [label, round(s.median_us, 2), round(s.p99_us, 2), round(s.mean_us, 2)]
+            for label, s in rows
+        ],
+    )
+    res.table("Added at the median", ["what", "µs"], [[k, round(v, 2)] for k, v in figures.items()])
+    for k, v in figures.items():
+        res.target(k, f"{v:+.1f} µs at the median", None)
+    res.data = {
+        "target": description,
+        "iterations": args.iterations,
+        "batch": args.batch,
+        "operations": [{"label": label, **vars(s)} for label, s in rows],
+        "added_median_us": figures,
+        "reads_not_on_replica": len(wrong),
+    }
+    res.save()
 
 
 if __name__ == "__main__":
