@@ -64,10 +64,14 @@ class Counts:
     writes: int = 0
     stale: int = 0
     errors: int = 0
+    slowest: float = 0.0  # seconds, the slowest read
 
     def add(self, other: Counts) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            if f.name == "slowest":
+                self.slowest = max(self.slowest, other.slowest)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class Servers:
@@ -117,9 +121,11 @@ def sync_client(lb: LoadBalancer, key: int, until: float, counts: Counts) -> Non
                         row = conn.execute(INCREMENT_SQL, (key,)).fetchone()
                     written = int(row[0]) if row else written
                     counts.writes += 1
+                began = time.monotonic()
                 with lb.read() as conn:
                     row = conn.execute(READ_SQL, (key,)).fetchone()
                     on_replica = conn.on_replica
+                counts.slowest = max(counts.slowest, time.monotonic() - began)
                 counts.reads += 1
                 counts.on_replica += on_replica
                 if row is None or int(row[0]) < written:
@@ -140,10 +146,12 @@ async def async_client(alb: AsyncLoadBalancer, key: int, until: float, counts: C
                         row = await cur.fetchone()
                     written = int(row[0]) if row else written
                     counts.writes += 1
+                began = time.monotonic()
                 async with alb.read() as conn:
                     cur = await conn.execute(READ_SQL, (key,))
                     row = await cur.fetchone()
                     on_replica = conn.on_replica
+                counts.slowest = max(counts.slowest, time.monotonic() - began)
                 counts.reads += 1
                 counts.on_replica += on_replica
                 if row is None or int(row[0]) < written:
@@ -241,7 +249,8 @@ def throughput(cluster: LocalCluster, servers: Servers, args: argparse.Namespace
                 print(
                     f"  {kind:8} {k} replicas {clients:3} clients: {cell.reads_per_s:8.0f}"
                     f" reads/s, {cell.replica_share:6.1%} on replicas,"
-                    f" {cell.primary_per_s:7.0f} primary statements/s"
+                    f" {cell.primary_per_s:7.0f} primary statements/s, slowest read"
+                    f" {counts.slowest * 1000:.0f} ms"
                     f" (server: {cell.server_primary_per_s:7.0f} xact/s),"
                     f" {counts.stale} stale, {counts.errors} errors",
                     file=sys.stderr,
@@ -405,6 +414,7 @@ def report(
         "primary statements/s",
         "server xact/s primary",
         "server xact/s replicas",
+        "slowest read (ms)",
         "stale",
         "errors",
     ]
@@ -413,8 +423,8 @@ def report(
         print()
         print(
             f"{kind}: {'clients':>7} {'replicas':>8} {'reads/s':>9} {'on repl.':>9}"
-            f" {'primary st/s':>12} {'srv prim/s':>10} {'srv repl/s':>10} {'stale':>5}"
-            f" {'errors':>6}"
+            f" {'primary st/s':>12} {'srv prim/s':>10} {'srv repl/s':>10} {'max ms':>8}"
+            f" {'stale':>5} {'errors':>6}"
         )
         for c in cells:
             if c.kind != kind:
@@ -427,13 +437,14 @@ def report(
                 round(c.primary_per_s),
                 round(c.server_primary_per_s),
                 round(c.server_replicas_per_s),
+                round(c.counts.slowest * 1000, 1),
                 c.counts.stale,
                 c.counts.errors,
             ]
             rows.append(row)
             print(
                 f"{'':9}{c.clients:7} {c.replicas:8} {row[2]:9} {row[3]:>9} {row[4]:12}"
-                f" {row[5]:10} {row[6]:10} {row[7]:5} {row[8]:6}"
+                f" {row[5]:10} {row[6]:10} {row[7]:8} {row[8]:5} {row[9]:6}"
             )
         results.table(
             f"Throughput, {kind} ({'LoadBalancer' if kind == 'threads' else 'AsyncLoadBalancer'})",
@@ -446,7 +457,9 @@ def report(
                 " of its own row in the writer's context (token). Primary statements/s:"
                 " write units + reads served by the primary, counted by the clients. Server"
                 " xact/s: pg_stat_database.xact_commit over the balancer's whole life (open,"
-                " warm-up, run, close; probes included), primary and the replicas summed."
+                " warm-up, run, close; probes included), primary and the replicas summed; a"
+                " write unit is two server transactions (its COMMIT and the WAL position read"
+                " sent in the same round trip)."
             ),
         )
 
@@ -469,7 +482,7 @@ def report(
     results.chart(
         "primary",
         "Primary statements/s vs replicas (client-side count)",
-        x=args.replicas,
+        x=[str(k) for k in args.replicas],
         series={
             f"{kind}, {n} clients": [
                 round(c.primary_per_s) for c in cells if c.kind == kind and c.clients == n
@@ -480,6 +493,7 @@ def report(
         kind="line",
         xlabel="replicas",
         ylabel="primary statements per second",
+        logy=True,
     )
 
     # -- prober cost
@@ -618,6 +632,7 @@ def report(
                 "writes": c.counts.writes,
                 "stale": c.counts.stale,
                 "errors": c.counts.errors,
+                "slowest_read": c.counts.slowest,
                 "server_seconds": c.server_seconds,
                 "server_xact_deltas": c.server_deltas,
             }
