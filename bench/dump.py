@@ -108,8 +108,9 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="pgreplica-bench-")
     os.chmod(tmp, 0o755)  # the servers may run as another user
-    cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1).up()
+    cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1)
     try:
+        cluster.up()
         run(cluster, args, Path(tmp))
     finally:
         cluster.destroy()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -61,8 +62,9 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="pgreplica-bench-")
     os.chmod(tmp, 0o755)
-    cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1).up()
+    cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1)
     try:
+        cluster.up()
         cluster.execute(0, "CREATE TABLE bench_items (id int PRIMARY KEY, v text)")
         cluster.execute(0, "INSERT INTO bench_items SELECT g, 'x' FROM generate_series(1, 100) g")
         cluster.wait_replayed()
@@ -125,6 +127,7 @@ def main() -> None:
                 raw.close()
     finally:
         cluster.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
     results.table(
         "lb.connection() (A, routed) against a psycopg connection to the replica (B)",
         [
