@@ -214,6 +214,8 @@ def test_primary_killed_and_restarted(scratch_cluster: LocalCluster) -> None:
             for _ in range(3):  # fill the primary's pool
                 with lb.write() as conn:
                     conn.execute("UPDATE rw_counters SET v = v + 1 WHERE id = 300")
+        # replication is asynchronous: what the replica is to serve must reach it first
+        scratch_cluster.wait_replayed()
         scratch_cluster.kill(0)
         wait_until(lambda: state_of(lb, primary) == "down", what="primary marked down")
         with lb.isolated():

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence  # async-only
+
+# sync-only: from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -57,7 +59,7 @@ from pgreplica.errors import HostUnavailable, PgReplicaError, PrimaryUnavailable
 from pgreplica.health import Host, error_reason
 
 # sync-only: from pgreplica.health import ProberThread
-from pgreplica.lsn import parse_lsn
+from pgreplica.lsn import parse_lsn, replayed_through
 from pgreplica.observe import WATCH, CatchUpWait, notify
 from pgreplica.sql import (
     MAX_VIEW_DEPTH,
@@ -71,7 +73,13 @@ from pgreplica.sql import (
 __all__ = ["AsyncLoadBalancer", "AsyncReadConnection", "AsyncReadCursor"]  # re-exported
 
 AConn = AsyncConnection[Any]
-_POLL_FIRST = 0.002
+_Connect = Callable[[Host], Awaitable[AConn]]  # async-only
+_Release = Callable[[Host, AConn], Awaitable[None]]  # async-only
+# sync-only: _Connect = Callable[[Host], AConn]
+# sync-only: _Release = Callable[[Host, AConn], None]
+#: The adaptive catch-up wait polls the replicas expected to catch up this soon
+#: after the first check, then backs off (doubling) to _POLL_MAX.
+_POLL_FIRST = 0.0002
 _POLL_MAX = 0.05
 _CLASSIFIED_MAX = 8192
 #: How long closing a down host's pool waits for its workers before failing waiters.
@@ -458,7 +466,7 @@ class AsyncLoadBalancer(BalancerBase):
         """Ask a replica directly how far it has replayed (one round trip)."""
         cur = await conn.execute(CHECK_SQL)
         row = await cur.fetchone()
-        position = parse_lsn(row[0]) if row and row[0] else 0
+        position = replayed_through(parse_lsn(row[0])) if row and row[0] else 0
         host.note_replay_lsn(position)
         return position
 
@@ -490,60 +498,124 @@ class AsyncLoadBalancer(BalancerBase):
         Each replica is tried at most once per call (``excluded`` grows), so a read
         never loops over hosts whose pools cannot hand out a connection."""
         router = self._router
-        deadline: float | None = None
-        delay = _POLL_FIRST
-        while True:
-            candidates = router.caught_up(route, need, max_staleness)
-            if excluded:
-                candidates = [h for h in candidates if h not in excluded]
-            if candidates:
-                host = candidates[router.next_index(len(candidates))]
-                try:
-                    conn = await self._checkout(host)
-                except CHECKOUT_ERRORS as exc:
-                    self._host_failed(host, exc)
-                    log_fallback(host, exc, "connect_failed")
-                    excluded.add(host)
-                    continue
-                if deadline is not None and WATCH.on:
-                    _waited(route, deadline - max_wait, caught_up=True)
-                return host, conn, "replica"
-            if need and max_staleness is None and need != UNKNOWN_POSITION:
-                for host in router.behind(route, need, excluded):
-                    try:
-                        conn = await self._checkout(host)
-                    except CHECKOUT_ERRORS as exc:
-                        self._host_failed(host, exc)
-                        excluded.add(host)
-                        continue
-                    try:
-                        if await self._replay_lsn(host, conn) >= need:
-                            if deadline is not None and WATCH.on:
-                                _waited(route, deadline - max_wait, caught_up=True)
-                            return host, conn, "replica_checked"
-                    except psycopg.Error as exc:
-                        if is_connection_error(exc):
-                            self._host_failed(host, exc)
-                            excluded.add(host)
-                    await self._checkin(host, conn)
-            if max_wait > 0 and route.read_set and need != UNKNOWN_POSITION:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + max_wait
-                if now < deadline:
-                    await asyncio.sleep(min(delay, deadline - now))
-                    delay = min(delay * 2, _POLL_MAX)
-                    continue
-            break
+        candidates = router.caught_up(route, need, max_staleness)
+        if excluded:
+            candidates = [h for h in candidates if h not in excluded]
+        while candidates:
+            host = candidates[router.next_index(len(candidates))]
+            try:
+                return host, await self._checkout(host), "replica"
+            except CHECKOUT_ERRORS as exc:
+                self._host_failed(host, exc)
+                log_fallback(host, exc, "connect_failed")
+                excluded.add(host)
+                candidates = [h for h in candidates if h is not host]
+        if need and max_staleness is None and need != UNKNOWN_POSITION:
+            found = await self._await_replica(
+                route, need, max_wait, excluded, self._checkout, self._checkin
+            )
+            if found is not None:
+                return found[0], found[1], "replica_checked"
         if need == UNKNOWN_POSITION:
             reason = "position_unprovable"
         else:
             reason = "replicas_behind" if route.read_set else "no_healthy_replica"
         if need:
             log_no_replica_caught_up(route, need)
-        if deadline is not None and WATCH.on:
-            _waited(route, deadline - max_wait, caught_up=False)
         return route.primary, None, reason
+
+    async def _await_replica(
+        self,
+        route: DatabaseRoute,
+        need: int,
+        max_wait: float,
+        excluded: set[Host],
+        connect: _Connect,
+        release: _Release,
+    ) -> tuple[Host, AConn] | None:
+        """A replica that has replayed ``need``, asked directly, or None.
+
+        Every usable replica the cache cannot prove caught up is asked once (one round
+        trip on a replica, none on the primary). With ``max_wait`` (the adaptive
+        catch-up wait), the replicas expected to replay ``need`` within ``max_wait``
+        (:meth:`Router.hopeful`) are asked again, on the connections held from the
+        first check, with a short backoff until one has or ``max_wait`` is over; none
+        expected means no wait at all. A replica that did not catch up in time is not
+        waited for again until its next probe.
+        ``connect``/``release`` get and give back a host's connection (the pool's, or
+        the one a routing connection holds); ``excluded`` grows with failing hosts."""
+        router = self._router
+        started = time.monotonic()
+        held: list[tuple[Host, AConn]] = []
+        found: tuple[Host, AConn] | None = None
+        delay = _POLL_FIRST
+        waited = False
+        try:
+            for host in router.behind(route, need, excluded):
+                try:
+                    conn = await connect(host)
+                except CHECKOUT_ERRORS as exc:
+                    self._host_failed(host, exc)
+                    excluded.add(host)
+                    continue
+                held.append((host, conn))
+                found = await self._ask(held, host, conn, need, excluded, release)
+                if found is not None:
+                    break
+            if found is None and held and max_wait > 0:
+                # after the first check, keep asking only the hopeful replicas
+                hopeful = router.hopeful(route, need, max_wait, excluded)
+                for host, conn in [(h, c) for h, c in held if h not in hopeful]:
+                    held.remove((host, conn))
+                    await release(host, conn)
+            while found is None and held:
+                now = time.monotonic()
+                if now >= started + max_wait:
+                    for host, _ in held:
+                        host.missed_at = now
+                    break
+                waited = True
+                await asyncio.sleep(min(delay, started + max_wait - now))
+                delay = min(delay * 2, _POLL_MAX)
+                for host, conn in list(held):
+                    found = await self._ask(held, host, conn, need, excluded, release)
+                    if found is not None:
+                        break
+            if found is not None:
+                held.remove(found)
+            return found
+        finally:
+            for host, conn in held:
+                await release(host, conn)
+            if waited and WATCH.on:
+                notify(
+                    CatchUpWait(
+                        route.replica_config_name, time.monotonic() - started, found is not None
+                    )
+                )
+
+    async def _ask(
+        self,
+        held: list[tuple[Host, AConn]],
+        host: Host,
+        conn: AConn,
+        need: int,
+        excluded: set[Host],
+        release: _Release,
+    ) -> tuple[Host, AConn] | None:
+        """``(host, conn)`` if ``host`` has replayed ``need``. A replica whose check
+        fails is given back (and dropped from ``held``): not this replica, this time (a
+        cancelled check, a recovery conflict); a lost connection marks it failed."""
+        try:
+            if await self._replay_lsn(host, conn) >= need:
+                return host, conn
+        except psycopg.Error as exc:
+            if is_connection_error(exc):
+                self._host_failed(host, exc)
+                excluded.add(host)
+            held.remove((host, conn))
+            await release(host, conn)
+        return None
 
     async def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
         return await self._primary_conn(route, read_reason=reason)
@@ -605,8 +677,3 @@ class AsyncLoadBalancer(BalancerBase):
                 host=primary.label,
                 reason="primary_unavailable",
             ) from exc
-
-
-def _waited(route: DatabaseRoute, started: float, *, caught_up: bool) -> None:
-    """A read waited (``max_wait``) for a replica of ``route`` to catch up."""
-    notify(CatchUpWait(route.replica_config_name, time.monotonic() - started, caught_up))

@@ -471,17 +471,38 @@ class RoutingConnection:
             return candidates[router.next_index(len(candidates))]
         if not need or need == UNKNOWN_POSITION:
             return None
-        for host in router.behind(route, need, excluded or set()):
-            try:
-                conn = self._conn_for(host)
-                if self._lb._replay_lsn(host, conn) >= need:
-                    return host
-            except CHECKOUT_ERRORS as exc:
-                if is_connection_error(exc):
-                    self._drop(host, exc)
-                else:
-                    self._lb._host_failed(host, exc)
-        return None
+        lb = self._lb
+        found = lb._await_replica(
+            route,
+            need,
+            lb.settings.max_wait,
+            set() if excluded is None else excluded,
+            self._check_conn,
+            self._checked,
+        )
+        if found is None:
+            return None
+        self._checked(*found)
+        return found[0]
+
+    def _check_conn(self, host: Host) -> AConn:
+        """A connection to ask ``host`` how far it has replayed: the one this connection
+        holds when in autocommit, else one from the pool, so that no transaction of
+        this connection takes its snapshot before the check saw the replica caught up."""
+        conn = self._conns.get(host)
+        if conn is not None and not conn.closed and conn.autocommit:
+            return conn
+        return self._lb._checkout(host)
+
+    def _checked(self, host: Host, conn: AConn) -> None:
+        """Give back a connection :meth:`_check_conn` lent: a pooled one to its pool, a
+        held one stays held unless it broke."""
+        if self._conns.get(host) is not conn:
+            self._lb._checkin(host, conn)
+        elif conn.closed or conn.broken:
+            del self._conns[host]
+            self._dirty.discard(host)
+            self._lb._checkin(host, conn)
 
     def _conn_for(self, host: Host) -> AConn:
         conn = self._conns.get(host)

@@ -10,6 +10,7 @@ says, everything then goes to the primary and no replica connection is opened.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -165,7 +166,11 @@ class Settings:
     probe_timeout: float = 0.5
     probe_statement_timeout: float = 0.1
     connect_timeout: float = 2.0
-    max_wait: float = 0.0
+    max_wait: float = 0.005
+    """How long a read whose context must see a write waits for a replica to replay it
+    before using the primary. The wait is adaptive: only replicas expected to catch up
+    that soon (their recent replay delay) are polled, and with none the read goes to
+    the primary at once. 0: ask each replica once, never wait."""
     backoff_initial: float = 0.2
     backoff_max: float = 1.0
     pool_min_size: int = 1
@@ -562,6 +567,8 @@ def _parse_size(setting: str, text: str) -> int:
 def _check_number(name: str, value: Any, *, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(name, f"expected a number of seconds, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number of seconds, got {value}")
     if value < 0 or (positive and value == 0):
         raise ConfigError(
             name, f"must be {'positive' if positive else 'zero or more'}, got {value}"

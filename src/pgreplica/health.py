@@ -10,6 +10,7 @@ sets), which the prober replaces after every probe.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -23,7 +24,7 @@ import psycopg
 
 from pgreplica.config import Dsn
 from pgreplica.errors import TokenError
-from pgreplica.lsn import origin_of, parse_lsn
+from pgreplica.lsn import origin_of, parse_lsn, replayed_through
 
 __all__ = ["Backoff", "BreakerState", "Host", "HostStatus", "Prober", "ProberThread"]
 
@@ -134,6 +135,13 @@ class Host:
         """The timeline :attr:`history` was read for."""
         self.lag_bytes: int | None = None
         self.lag_seconds: float | None = None
+        self.replay_delays: collections.deque[float] = collections.deque(maxlen=3)
+        """Of a replica, its last probes' replay delay: 0 when it had replayed all it
+        had received, else the age of its last replayed commit (an apply delay, a
+        paused or a slow replay). What the adaptive catch-up wait expects of it."""
+        self.missed_at = 0.0
+        """When a read last waited for this replica in vain: it is not waited for again
+        until a probe has started since."""
         self.lagging = False
         self.state = BreakerState.CLOSED
         self.failures = 0
@@ -163,6 +171,13 @@ class Host:
         if position > self.replay_lsn:
             self.replay_lsn = position
 
+    def expected_delay(self) -> float | None:
+        """How long this replica is expected to take to replay a commit made now: the
+        median of its last probes' replay delays (one slow probe does not count; a
+        replica that keeps lagging does); None when unknown."""
+        delays = sorted(self.replay_delays)
+        return delays[len(delays) // 2] if delays else None
+
     def after_fork(self) -> None:
         """In a forked child: a lock another thread of the parent held stays held."""
         self._lock = threading.Lock()
@@ -185,10 +200,18 @@ class Host:
             self.in_recovery = in_recovery
             # A replica out of recovery writes its own timeline: its insert position
             # says nothing about what it replayed of the old one, so it proves nothing.
-            self.replay_lsn = lsn if in_recovery or self.configured_primary else 0
+            if in_recovery:
+                self.replay_lsn = replayed_through(lsn)
+            else:
+                self.replay_lsn = lsn if self.configured_primary else 0
             self.receive_lsn = receive_lsn
             self.flush_lsn = flush_lsn
             self.replay_age = replay_age
+            if in_recovery and receive_lsn is not None:
+                if receive_lsn <= lsn:
+                    self.replay_delays.append(0.0)
+                elif replay_age is not None:
+                    self.replay_delays.append(max(0.0, replay_age))
             self.probed_at = now = time.monotonic()
             self.probe_started_at = now if started_at is None else started_at
             if timeline:

@@ -32,6 +32,23 @@ def parse_lsn(text: str) -> int:
     return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
 
 
+#: A WAL page, and the header that starts every page that does not start a segment.
+_WAL_PAGE = 8192
+_PAGE_HEADER = 24
+
+
+def replayed_through(position: int) -> int:
+    """What a replica whose replay position is ``position`` holds, in the terms tokens
+    use. A record that ends exactly at a WAL page boundary leaves the primary's insert
+    position (the token) after the next page's header, where no record ends: a replica
+    that replayed up to the boundary has all of it, and would otherwise never reach
+    the token until some later write. (A segment's first page has a longer header; a
+    token there waits for the next write or falls back to the primary, safely.)"""
+    if position and position % _WAL_PAGE == 0:
+        return position + _PAGE_HEADER
+    return position
+
+
 def format_lsn(position: int) -> str:
     """Integer position -> PostgreSQL's ``'X/Y'`` text form."""
     return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"

@@ -22,7 +22,7 @@ from typing import Any
 from pgreplica.balancer import CHECK_SQL, UNKNOWN_POSITION
 from pgreplica.context import current_state
 from pgreplica.contrib.django.state import REQUEST, configured_aliases, integration
-from pgreplica.lsn import parse_lsn
+from pgreplica.lsn import parse_lsn, replayed_through
 
 logger = logging.getLogger("pgreplica.django")
 
@@ -124,7 +124,7 @@ def choose_replica(lb: Any, database: str | None = None) -> str | None:
         except Exception as exc:  # a sick replica: the prober will mark it down
             logger.warning("db_routing_check_failed alias=%s error=%s", alias, type(exc).__name__)
             continue
-        position = parse_lsn(row[0]) if row and row[0] else 0
+        position = replayed_through(parse_lsn(row[0])) if row and row[0] else 0
         host.note_replay_lsn(position)
         if position >= need:
             return str(alias)

@@ -1,0 +1,294 @@
+"""The adaptive catch-up wait (``max_wait``), on the real local cluster: a read after its
+own write waits for a replica that is expected to replay the write soon, never for one
+that is delayed or paused, and never returns a stale row."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+import pgreplica
+from pgreplica import observe
+from pgreplica.testing import LocalCluster
+from pgreplica.workload import prepare, wait_until
+
+
+@contextlib.contextmanager
+def catch_up_waits() -> Iterator[list[observe.CatchUpWait]]:
+    seen: list[observe.CatchUpWait] = []
+
+    def sink(event: observe.Observed) -> None:
+        if isinstance(event, observe.CatchUpWait):
+            seen.append(event)
+
+    observe.add_sink(sink)
+    try:
+        yield seen
+    finally:
+        observe.remove_sink(sink)
+
+
+def write_then_read(lb: pgreplica.LoadBalancer, row: int) -> tuple[int, int, bool, str]:
+    """Bump ``row``; read it back in the same context: (written, read, on_replica, reason)."""
+    with lb.write() as conn:
+        written = conn.execute(
+            "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v", (row,)
+        ).fetchone()[0]
+    with lb.read() as conn:
+        seen = conn.execute("SELECT v FROM rw_counters WHERE id = %s", (row,)).fetchone()[0]
+        return written, seen, conn.on_replica, conn.reason
+
+
+def replica_config(cluster: LocalCluster, replicas: list[int], **settings: object) -> dict:
+    return {
+        "databases": {
+            "main": {
+                "primary": cluster.primary_dsn,
+                "replicas": [cluster.replica_dsns[i - 1] for i in replicas],
+            }
+        },
+        **settings,
+    }
+
+
+def test_default_wait_is_short_and_adaptive() -> None:
+    settings = pgreplica.Settings(
+        databases={"main": pgreplica.DatabaseConfig(name="main", primary="host=x")}
+    )
+    assert 0 < settings.max_wait <= 0.005
+
+
+def test_read_after_own_write_waits_for_a_replica_expected_to_catch_up(
+    healthy_cluster: LocalCluster,
+) -> None:
+    # replica 1 alone, replaying 150 ms late: with a wait bound above its delay, the read
+    # after the write waits on the replica (not the primary) and sees the write
+    healthy_cluster.lag(1, "150ms")
+    config = replica_config(healthy_cluster, [1], max_wait=2.0)
+    with pgreplica.LoadBalancer(config=config) as lb, catch_up_waits() as waits:
+        prepare(lb, range(700, 701))
+        healthy_cluster.wait_replayed()
+        for _ in range(3):
+            with lb.isolated():
+                written, seen, on_replica, reason = write_then_read(lb, 700)
+            assert seen == written
+            assert on_replica and reason == "replica_checked"
+        assert waits and all(w.caught_up for w in waits)
+        assert all(w.seconds > 0.05 for w in waits)  # it did wait for the apply delay
+
+
+def test_no_wait_for_a_replica_known_to_be_delayed(healthy_cluster: LocalCluster) -> None:
+    # replica 1 alone, replaying 300 ms late under a steady write load: its probes show
+    # the delay, so a read after its own write goes to the primary without waiting
+    healthy_cluster.lag(1, "300ms")
+    config = replica_config(healthy_cluster, [1], max_wait=0.05)
+    with pgreplica.LoadBalancer(config=config) as lb:
+        prepare(lb, range(701, 702))
+        healthy_cluster.wait_replayed()
+        route = lb._router.databases["main"]
+        host = route.replicas[0]
+
+        def delayed() -> bool:
+            with lb.isolated(), lb.write() as conn:
+                conn.execute("UPDATE rw_counters SET v = v + 1 WHERE id = 701")
+            delay = host.expected_delay()
+            return delay is not None and delay > 0.05
+
+        wait_until(delayed, timeout=20, what="probes seeing the apply delay")
+        with catch_up_waits() as waits:
+            for _ in range(5):
+                with lb.isolated():
+                    written, seen, on_replica, reason = write_then_read(lb, 701)
+                assert seen == written
+                assert not on_replica and reason == "replicas_behind"
+        assert waits == []  # not one read waited
+
+
+def test_a_replica_that_missed_a_wait_is_not_waited_for_until_its_next_probe(
+    healthy_cluster: LocalCluster,
+) -> None:
+    # probes every 30 s: the paused replica looks fine to the cache (no delay seen yet);
+    # the first read waits for it in vain, the next ones go to the primary at once
+    config = replica_config(healthy_cluster, [2], max_wait=0.1, probe_interval=30.0)
+    with pgreplica.LoadBalancer(config=config) as lb:
+        prepare(lb, range(702, 703))
+        healthy_cluster.wait_replayed()
+        healthy_cluster.pause(2)
+        with catch_up_waits() as waits:
+            for _ in range(4):
+                with lb.isolated():
+                    written, seen, on_replica, reason = write_then_read(lb, 702)
+                assert seen == written
+                assert not on_replica and reason == "replicas_behind"
+        assert len(waits) == 1 and not waits[0].caught_up
+        assert waits[0].seconds >= 0.1
+
+
+def test_a_token_at_a_wal_page_boundary_is_reached(healthy_cluster: LocalCluster) -> None:
+    # A commit that ends exactly at a WAL page boundary leaves the insert position (the
+    # token) after the next page's header, which no replica replays until some later
+    # write: with nothing else writing, a read after such a write still goes to a
+    # replica once it has replayed up to the boundary.
+    config = replica_config(healthy_cluster, [1], max_wait=0.0)
+    with pgreplica.LoadBalancer(config=config) as lb:
+        prepare(lb, range(707, 708))
+        healthy_cluster.wait_replayed()
+        replica = psycopg.connect(healthy_cluster.replica_dsns[0], autocommit=True)
+        try:
+            for _ in range(2000):
+                with lb.isolated():
+                    with lb.write() as conn:
+                        written = conn.execute(
+                            "UPDATE rw_counters SET v = v + 1 WHERE id = 707 RETURNING v"
+                        ).fetchone()[0]
+                    need = lb.token().get("main")
+                    if need % 8192 != 24:
+                        continue
+
+                    def replayed(need: int = need) -> bool:
+                        row = replica.execute(
+                            "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint"
+                        ).fetchone()
+                        return int(row[0]) >= need - 24
+
+                    wait_until(replayed, timeout=10, what="the replica at the boundary")
+                    with lb.read() as conn:
+                        seen = conn.execute("SELECT v FROM rw_counters WHERE id = 707").fetchone()[
+                            0
+                        ]
+                        assert seen == written
+                        assert conn.on_replica, conn.reason
+                    return
+        finally:
+            replica.close()
+    pytest.fail("no write ended at a WAL page boundary in 2000 tries")
+
+
+def test_replayed_through() -> None:
+    from pgreplica.lsn import replayed_through
+
+    assert replayed_through(0) == 0
+    assert replayed_through(8192 * 5) == 8192 * 5 + 24
+    assert replayed_through(8192 * 5 + 8) == 8192 * 5 + 8
+
+
+def test_no_wait_with_max_wait_zero(healthy_cluster: LocalCluster) -> None:
+    config = replica_config(healthy_cluster, [2], max_wait=0.0)
+    with pgreplica.LoadBalancer(config=config) as lb:
+        prepare(lb, range(703, 704))
+        healthy_cluster.wait_replayed()
+        healthy_cluster.pause(2)
+        with catch_up_waits() as waits, lb.isolated():
+            written, seen, on_replica, reason = write_then_read(lb, 703)
+        assert seen == written and not on_replica and reason == "replicas_behind"
+        assert waits == []
+
+
+def test_wait_skips_a_paused_replica_and_polls_the_live_one(
+    healthy_cluster: LocalCluster,
+) -> None:
+    # both replicas; replica 2 paused, replica 1 replaying 100 ms late: every read after
+    # its own write ends on replica 1 once it catches up, never stale, never on 2
+    healthy_cluster.lag(1, "100ms")
+    config = replica_config(healthy_cluster, [1, 2], max_wait=1.0)
+    with pgreplica.LoadBalancer(config=config) as lb:
+        prepare(lb, range(704, 705))
+        healthy_cluster.wait_replayed()
+        healthy_cluster.pause(2)
+        replica_1 = healthy_cluster.port(1)
+        for _ in range(5):
+            with lb.isolated():
+                with lb.write() as conn:
+                    written = conn.execute(
+                        "UPDATE rw_counters SET v = v + 1 WHERE id = 704 RETURNING v"
+                    ).fetchone()[0]
+                with lb.read() as conn:
+                    seen, port = conn.execute(
+                        "SELECT v, inet_server_port() FROM rw_counters WHERE id = 704"
+                    ).fetchone()
+                    assert seen == written
+                    assert conn.on_replica and port == replica_1
+
+
+def test_routing_connection_waits_too(healthy_cluster: LocalCluster) -> None:
+    healthy_cluster.lag(1, "150ms")
+    config = replica_config(healthy_cluster, [1], max_wait=2.0)
+    with pgreplica.LoadBalancer(config=config) as lb:
+        prepare(lb, range(705, 706))
+        healthy_cluster.wait_replayed()
+        replica_1 = healthy_cluster.port(1)
+        with lb.isolated(), lb.connection() as conn:
+            conn.autocommit = True
+            written = conn.execute(
+                "UPDATE rw_counters SET v = v + 1 WHERE id = 705 RETURNING v"
+            ).fetchone()[0]
+            seen, port = conn.execute(
+                "SELECT v, inet_server_port() FROM rw_counters WHERE id = 705"
+            ).fetchone()
+            assert (seen, port) == (written, replica_1)
+            # a read-only transaction in repeatable read: its snapshot is taken after
+            # the check saw the replica caught up, so it sees the write too
+            conn.autocommit = False
+            conn.read_only = True
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            written_2 = _bump_elsewhere(lb, 705)
+            seen, port = conn.execute(
+                "SELECT v, inet_server_port() FROM rw_counters WHERE id = 705"
+            ).fetchone()
+            conn.commit()
+            assert (seen, port) == (written_2, replica_1)
+
+
+def _bump_elsewhere(lb: pgreplica.LoadBalancer, row: int) -> int:
+    """A write in the current context through ``lb.write()``: the token moves."""
+    with lb.write() as conn:
+        return int(
+            conn.execute(
+                "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v", (row,)
+            ).fetchone()[0]
+        )
+
+
+def test_async_balancer_waits_adaptively(healthy_cluster: LocalCluster) -> None:
+    healthy_cluster.lag(1, "150ms")
+    config = replica_config(healthy_cluster, [1, 2], max_wait=1.0)
+
+    async def main() -> list[tuple[int, int, bool]]:
+        async with pgreplica.AsyncLoadBalancer(config=config) as alb:
+            async with alb.write() as conn:
+                await conn.execute(
+                    "INSERT INTO rw_counters (id, v) VALUES (706, 0) ON CONFLICT (id) DO NOTHING"
+                )
+            healthy_cluster.wait_replayed()
+            healthy_cluster.pause(2)
+            out = []
+            for _ in range(3):
+                with alb.isolated():
+                    async with alb.write() as conn:
+                        cur = await conn.execute(
+                            "UPDATE rw_counters SET v = v + 1 WHERE id = 706 RETURNING v"
+                        )
+                        written = (await cur.fetchone())[0]
+                    async with alb.read() as conn:
+                        cur = await conn.execute("SELECT v FROM rw_counters WHERE id = 706")
+                        out.append((written, (await cur.fetchone())[0], conn.on_replica))
+            return out
+
+    with pgreplica.LoadBalancer(config=healthy_cluster.config()) as lb:
+        prepare(lb, range(0, 1))  # the table
+    healthy_cluster.wait_replayed()
+    results = asyncio.run(main())
+    assert all(written == seen and on_replica for written, seen, on_replica in results)
+
+
+@pytest.mark.parametrize("value", [-0.001, "5ms", float("nan"), float("inf")])
+def test_bad_max_wait_is_refused(value: object) -> None:
+    with pytest.raises(pgreplica.ConfigError, match="max_wait"):
+        pgreplica.Settings(
+            databases={"main": pgreplica.DatabaseConfig(name="main", primary="host=x")},
+            max_wait=value,
+        )
