@@ -176,9 +176,9 @@ class Results:
                 "postgresql": postgres_version(),
                 "git_revision": _git("rev-parse", "HEAD"),
                 "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-                "started": datetime.datetime.fromtimestamp(self._started, datetime.UTC).isoformat(
-                    timespec="seconds"
-                ),
+                "started": datetime.datetime.fromtimestamp(
+                    self._started, datetime.timezone.utc
+                ).isoformat(timespec="seconds"),
                 "seconds": round(time.monotonic() - self._clock, 1),
                 "argv": sys.argv[1:],
             },
