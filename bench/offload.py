@@ -32,7 +32,7 @@ read of pgreplica, GitLab and pinning's session; nothing for other users' rows i
 others): what a router with perfect knowledge could send to replicas at the same
 consistency, without waiting. It comes from a timeline of every replica's replay
 position, recorded during the run by a separate process that asks each replica
-continuously; a sample's position was reached somewhere between the moment its query
+about every 0.3 ms; a sample's position was reached somewhere between the moment its query
 was sent and the moment its answer came back, which gives a lower bound (a sample
 answered before the read began has the position) and an upper bound (the first sample
 sent after the read began has it). ``oracle@W`` is the same for a wait of W: some
@@ -76,6 +76,8 @@ XACTS_SQL = (
     "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
 )
 PIN_SECONDS = 2.0
+#: Between two samples of a replica's replay position.
+SAMPLE_PAUSE = 0.0002
 PAUSE_SECONDS = 3.0
 #: Catch-up wait bounds of the curve (seconds); the default max_wait (5 ms) runs as ``pgreplica``.
 CURVE = (0.0005, 0.001, 0.002, 0.01)
@@ -100,6 +102,7 @@ def _sample(dsn: str, out: str, stop: Any) -> None:
                 sent.append(t0)
                 received.append(t1)
                 lsns.append(int(row[0]))
+            time.sleep(SAMPLE_PAUSE)  # leave the 2 cores to the workload
     with open(out, "wb") as f:
         for a in (sent, received, lsns):
             array("q", [len(a)]).tofile(f)
