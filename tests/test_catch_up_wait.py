@@ -128,44 +128,66 @@ def test_a_replica_that_missed_a_wait_is_not_waited_for_until_its_next_probe(
         assert waits[0].seconds >= 0.1
 
 
+def _insert_lsn(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+    return int(row[0])
+
+
+def _pad_wal(conn: psycopg.Connection, size: int) -> None:
+    """Write a WAL record of about ``size`` bytes (a non-transactional message)."""
+    conn.execute(
+        "SELECT pg_logical_emit_message(false, 'pad', repeat('x', %s))", (max(0, size - 56),)
+    )
+
+
 def test_a_token_at_a_wal_page_boundary_is_reached(healthy_cluster: LocalCluster) -> None:
     # A commit that ends exactly at a WAL page boundary leaves the insert position (the
     # token) after the next page's header, which no replica replays until some later
     # write: with nothing else writing, a read after such a write still goes to a
-    # replica once it has replayed up to the boundary.
+    # replica once it has replayed up to the boundary. WAL is padded so that the write
+    # ends at the boundary (a few tries: other activity may write WAL meanwhile).
     config = replica_config(healthy_cluster, [1], max_wait=0.0)
-    with pgreplica.LoadBalancer(config=config) as lb:
+    with (
+        pgreplica.LoadBalancer(config=config) as lb,
+        psycopg.connect(healthy_cluster.primary_dsn, autocommit=True) as primary,
+        psycopg.connect(healthy_cluster.replica_dsns[0], autocommit=True) as replica,
+    ):
         prepare(lb, range(707, 708))
         healthy_cluster.wait_replayed()
-        replica = psycopg.connect(healthy_cluster.replica_dsns[0], autocommit=True)
-        try:
-            for _ in range(2000):
-                with lb.isolated():
-                    with lb.write() as conn:
-                        written = conn.execute(
-                            "UPDATE rw_counters SET v = v + 1 WHERE id = 707 RETURNING v"
-                        ).fetchone()[0]
-                    need = lb.token().get("main")
-                    if need % 8192 != 24:
-                        continue
+        sql = "UPDATE rw_counters SET v = v + 1 WHERE id = 707 RETURNING v"
+        write_size = 0
+        for _ in range(200):
+            with lb.isolated():
+                before = _insert_lsn(primary)
+                left = 8192 - before % 8192
+                if write_size:
+                    pad = left - write_size
+                    if pad < 56:
+                        pad += 8192  # into the next page, whose header takes 24 bytes
+                        pad -= 24
+                    _pad_wal(primary, pad)
+                    before = _insert_lsn(primary)
+                with lb.write() as conn:
+                    written = conn.execute(sql).fetchone()[0]
+                need = lb.token().get("main")
+                if need // 8192 == before // 8192:
+                    write_size = need - before  # the write's WAL, within one page
+                if need % 8192 != 24:
+                    continue
 
-                    def replayed(need: int = need) -> bool:
-                        row = replica.execute(
-                            "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint"
-                        ).fetchone()
-                        return int(row[0]) >= need - 24
+                def replayed(need: int = need) -> bool:
+                    row = replica.execute(
+                        "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint"
+                    ).fetchone()
+                    return int(row[0]) >= need - 24
 
-                    wait_until(replayed, timeout=10, what="the replica at the boundary")
-                    with lb.read() as conn:
-                        seen = conn.execute("SELECT v FROM rw_counters WHERE id = 707").fetchone()[
-                            0
-                        ]
-                        assert seen == written
-                        assert conn.on_replica, conn.reason
-                    return
-        finally:
-            replica.close()
-    pytest.fail("no write ended at a WAL page boundary in 2000 tries")
+                wait_until(replayed, timeout=10, what="the replica at the boundary")
+                with lb.read() as conn:
+                    seen = conn.execute("SELECT v FROM rw_counters WHERE id = 707").fetchone()[0]
+                    assert seen == written
+                    assert conn.on_replica, conn.reason
+                return
+    pytest.fail("no write ended at a WAL page boundary in 200 tries")
 
 
 def test_replayed_through() -> None:
