@@ -457,7 +457,7 @@ class LoadBalancer(BalancerBase):
         Every usable replica the cache cannot prove caught up is asked once (one round
         trip on a replica, none on the primary). With ``max_wait`` (the adaptive
         catch-up wait), the replicas expected to replay ``need`` within ``max_wait``
-        (:meth:`Router.hopeful`) are asked again, on the connections held from the
+        (:meth:`Host.hopeful`) are asked again, on the connections held from the
         first check, with a short backoff until one has or ``max_wait`` is over; none
         expected means no wait at all. A replica that did not catch up in time is not
         waited for again until its next probe.
@@ -481,13 +481,12 @@ class LoadBalancer(BalancerBase):
                 found = self._ask(held, host, conn, need, excluded, release)
                 if found is not None:
                     break
-            if found is None and held and max_wait > 0:
+            if found is None and max_wait > 0:
                 # after the first check, keep asking only the hopeful replicas
-                hopeful = router.hopeful(route, need, max_wait, excluded)
-                for host, conn in [(h, c) for h, c in held if h not in hopeful]:
+                for host, conn in [(h, c) for h, c in held if not h.hopeful(max_wait)]:
                     held.remove((host, conn))
                     release(host, conn)
-            while found is None and held:
+            while found is None and held and max_wait > 0:
                 now = time.monotonic()
                 if now >= started + max_wait:
                     for host, _ in held:

@@ -482,8 +482,16 @@ class RoutingConnection:
         )
         if found is None:
             return None
-        self._checked(*found)
-        return found[0]
+        host, conn = found
+        if self._conns.get(host) is not conn:
+            # a pooled connection did the check: the statement runs on it (no second
+            # checkout), its snapshot taken after the check
+            try:
+                self._conn_for(host, lent=conn)
+            except CHECKOUT_ERRORS as exc:
+                self._lb._host_failed(host, exc)
+                return None
+        return host
 
     def _check_conn(self, host: Host) -> AConn:
         """A connection to ask ``host`` how far it has replayed: the one this connection
@@ -504,15 +512,24 @@ class RoutingConnection:
             self._dirty.discard(host)
             self._lb._checkin(host, conn)
 
-    def _conn_for(self, host: Host) -> AConn:
+    def _conn_for(self, host: Host, *, lent: AConn | None = None) -> AConn:
+        """The connection this routing connection holds to ``host``, or a new one,
+        set up like the others: ``lent`` (from the pool, already checked out) when
+        given, else one from the pool."""
         conn = self._conns.get(host)
+        if conn is not None and not conn.closed and lent is not None:
+            # the held one (in a transaction mode, so the check used a pooled one) serves
+            self._lb._checkin(host, lent)
+            lent = None
         if conn is not None and not conn.closed:
             if host is self._route.primary and not host.up and self._pinned is None:
                 # The same verdict as lb.write(): no statement starts on a primary the
                 # prober holds down.
                 self._lb._primary_conn(self._route)
             return conn
-        if host is self._route.primary:
+        if lent is not None:
+            conn = lent
+        elif host is self._route.primary:
             conn = self._lb._primary_conn(self._route)
         else:
             conn = self._lb._checkout(host)

@@ -527,23 +527,6 @@ class Router:
             hosts = hosts[start:] + hosts[:start]
         return hosts
 
-    def hopeful(
-        self, route: DatabaseRoute, need: int, within: float, excluded: set[Host]
-    ) -> list[Host]:
-        """Of :meth:`behind`, the replicas expected to replay ``need`` within
-        ``within`` seconds: their recent replay delay (:meth:`Host.expected_delay`)
-        fits, and no read has waited for them in vain since their last probe. The
-        adaptive catch-up wait waits for these only; with none, a read goes to the
-        primary at once instead of waiting for a replica that is paused or delayed."""
-        hosts = []
-        for host in self.behind(route, need, excluded):
-            if host.missed_at > host.probe_started_at:
-                continue
-            delay = host.expected_delay()
-            if delay is None or delay <= within:
-                hosts.append(host)
-        return hosts
-
     def set_dns_replicas(
         self, route: DatabaseRoute, dsns: Sequence[Dsn]
     ) -> tuple[list[Host], list[Host]]:

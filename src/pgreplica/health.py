@@ -178,6 +178,16 @@ class Host:
         delays = sorted(self.replay_delays)
         return delays[len(delays) // 2] if delays else None
 
+    def hopeful(self, within: float) -> bool:
+        """Worth waiting for: expected to replay a commit made now within ``within``
+        seconds (:meth:`expected_delay`; unknown counts as yes), and no read has
+        waited for it in vain since its last probe started. The adaptive catch-up wait
+        polls these only; a paused or delayed replica is not waited for."""
+        if self.missed_at > self.probe_started_at:
+            return False
+        delay = self.expected_delay()
+        return delay is None or delay <= within
+
     def after_fork(self) -> None:
         """In a forked child: a lock another thread of the parent held stays held."""
         self._lock = threading.Lock()
