@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -315,3 +317,160 @@ def test_bad_max_wait_is_refused(value: object) -> None:
             databases={"main": pgreplica.DatabaseConfig(name="main", primary="host=x")},
             max_wait=value,
         )
+
+
+# -- a replica that hangs while reads after their own write check and wait on it ----------
+
+HANG_SECONDS = 2.5
+#: No read may take this long: the hung replica is given up within about a second.
+READ_BOUND = 1.5
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.reads = 0
+        self.stale: list[tuple[int, int]] = []
+        self.errors: list[str] = []
+        self.worst = 0.0
+        self.lock = threading.Lock()
+
+    def add(self, written: int, seen: int, seconds: float) -> None:
+        with self.lock:
+            self.reads += 1
+            self.worst = max(self.worst, seconds)
+            if seen < written:
+                self.stale.append((written, seen))
+
+
+def _sync_cycles(
+    lb: pgreplica.LoadBalancer, api: str, row: int, stop: threading.Event, tally: Tally
+) -> None:
+    sql_w = "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v"
+    sql_r = "SELECT v FROM rw_counters WHERE id = %s"
+    try:
+        with lb.isolated():
+            rconn = lb.connection() if api == "connection" else None
+            if rconn is not None:
+                rconn.autocommit = True
+            try:
+                while not stop.is_set():
+                    if rconn is None:
+                        with lb.write() as conn:
+                            written = conn.execute(sql_w, (row,)).fetchone()[0]
+                        t0 = time.monotonic()
+                        with lb.read() as conn:
+                            seen = conn.execute(sql_r, (row,)).fetchone()[0]
+                    else:
+                        written = rconn.execute(sql_w, (row,)).fetchone()[0]
+                        t0 = time.monotonic()
+                        seen = rconn.execute(sql_r, (row,)).fetchone()[0]
+                    tally.add(written, seen, time.monotonic() - t0)
+            finally:
+                if rconn is not None:
+                    rconn.close()
+    except Exception as exc:  # asserted to be none
+        tally.errors.append(repr(exc))
+
+
+@pytest.mark.parametrize("replicas", [[1, 2], [1]])
+@pytest.mark.parametrize("api", ["read", "connection"])
+def test_sync_reads_after_writes_survive_a_replica_hanging_under_their_checks(
+    healthy_cluster: LocalCluster, api: str, replicas: list[int]
+) -> None:
+    # 4 threads write and read back at once: the reads check replica 1 directly and
+    # wait for it (the default max_wait); replica 1 is frozen (SIGSTOP) mid-run
+    config = replica_config(healthy_cluster, replicas)
+    tally = Tally()
+    stop = threading.Event()
+    with pgreplica.LoadBalancer(config=config) as lb:
+        rows = range(720, 724)
+        prepare(lb, rows)
+        healthy_cluster.wait_replayed()
+        threads = [
+            threading.Thread(target=_sync_cycles, args=(lb, api, r, stop, tally), daemon=True)
+            for r in rows
+        ]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            before = tally.reads
+            healthy_cluster.freeze(1)
+            time.sleep(HANG_SECONDS)
+            during = tally.reads - before
+        finally:
+            healthy_cluster.thaw(1)
+            time.sleep(0.5)
+            stop.set()
+            for t in threads:
+                t.join(15)
+    assert not any(t.is_alive() for t in threads), "a read never finished"
+    assert tally.errors == []
+    assert tally.stale == []
+    assert during > 0, "no read completed while the replica was frozen"
+    assert tally.worst < READ_BOUND, f"a read took {tally.worst:.2f}s"
+    print(f"\n{api} {replicas}: {tally.reads} reads, worst {tally.worst:.3f}s")
+
+
+def test_async_reads_after_writes_survive_a_replica_hanging_under_their_checks(
+    healthy_cluster: LocalCluster,
+) -> None:
+    config = replica_config(healthy_cluster, [1])
+    tally = Tally()
+
+    async def cycles(alb: pgreplica.AsyncLoadBalancer, api: str, row: int, until: float) -> None:
+        sql_w = "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v"
+        sql_r = "SELECT v FROM rw_counters WHERE id = %s"
+        try:
+            with alb.isolated():
+                rconn = await alb.connection() if api == "connection" else None
+                if rconn is not None:
+                    await rconn.set_autocommit(True)
+                try:
+                    while time.monotonic() < until:
+                        if rconn is None:
+                            async with alb.write() as conn:
+                                written = (await (await conn.execute(sql_w, (row,))).fetchone())[0]
+                            t0 = time.monotonic()
+                            async with alb.read() as conn:
+                                seen = (await (await conn.execute(sql_r, (row,))).fetchone())[0]
+                        else:
+                            written = (await (await rconn.execute(sql_w, (row,))).fetchone())[0]
+                            t0 = time.monotonic()
+                            seen = (await (await rconn.execute(sql_r, (row,))).fetchone())[0]
+                        tally.add(written, seen, time.monotonic() - t0)
+                finally:
+                    if rconn is not None:
+                        await rconn.close()
+        except Exception as exc:  # asserted to be none
+            tally.errors.append(repr(exc))
+
+    async def main() -> None:
+        async with pgreplica.AsyncLoadBalancer(config=config) as alb:
+            until = time.monotonic() + 0.5 + HANG_SECONDS + 0.5
+            work = [
+                asyncio.ensure_future(cycles(alb, api, row, until))
+                for api, row in (
+                    ("read", 724),
+                    ("read", 725),
+                    ("connection", 726),
+                    ("connection", 727),
+                )
+            ]
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(healthy_cluster.freeze, 1)
+            try:
+                await asyncio.sleep(HANG_SECONDS)
+            finally:
+                await asyncio.to_thread(healthy_cluster.thaw, 1)
+            await asyncio.wait_for(asyncio.gather(*work), 15)
+
+    with pgreplica.LoadBalancer(config=healthy_cluster.config()) as lb:
+        prepare(lb, range(724, 728))
+    healthy_cluster.wait_replayed()
+    asyncio.run(main())
+    assert tally.errors == []
+    assert tally.stale == []
+    assert tally.reads > 0
+    assert tally.worst < READ_BOUND, f"a read took {tally.worst:.2f}s"
+    print(f"\nasync: {tally.reads} reads, worst {tally.worst:.3f}s")
