@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logging()
     began = time.monotonic()
-    out = Results("offload", "Offload at zero stale reads")  # its clock starts now
+    out = Results("offload", "Offload at zero stale reads")
     names = strategies(args)
     skipped: dict[str, str] = {}
     cluster = LocalCluster(make_cluster_directory("pgreplica-offload-"), replicas=2, keep=False)
