@@ -1,7 +1,9 @@
 """Helpers for tests that need real PostgreSQL servers.
 
 :class:`LocalCluster` runs a primary with streaming replicas on 127.0.0.1 (see
-:mod:`pgreplica.localcluster`); :func:`make_cluster_directory` gives it a directory that
+:mod:`pgreplica.localcluster`); :class:`FaultProxy` puts switchable network faults
+(delay, bandwidth, blackhole, drop, reset) between the application and a server;
+:func:`make_cluster_directory` gives a cluster a directory that
 the ``postgres`` user can reach when the tests run as root.
 """
 
@@ -11,9 +13,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from pgreplica.faultproxy import FaultProxy
 from pgreplica.localcluster import ClusterError, LocalCluster, lsn_to_int
 
-__all__ = ["ClusterError", "LocalCluster", "lsn_to_int", "make_cluster_directory"]
+__all__ = ["ClusterError", "FaultProxy", "LocalCluster", "lsn_to_int", "make_cluster_directory"]
 
 
 def make_cluster_directory(prefix: str = "pgreplica-") -> Path:

@@ -1,0 +1,221 @@
+"""The fault-injecting proxy (:class:`pgreplica.testing.FaultProxy`) on real servers, and
+pgreplica behind it: network faults on a replica never reach the caller."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+import pgreplica
+from pgreplica.testing import FaultProxy, LocalCluster
+from pgreplica.workload import prepare, wait_until
+
+
+@pytest.fixture
+def primary_proxy(healthy_cluster: LocalCluster) -> Iterator[FaultProxy]:
+    with FaultProxy(("127.0.0.1", healthy_cluster.port(0))) as proxy:
+        yield proxy
+
+
+def connect(proxy: FaultProxy, cluster: LocalCluster, **kwargs: object) -> psycopg.Connection:
+    return psycopg.connect(proxy.dsn(cluster.primary_dsn), autocommit=True, **kwargs)
+
+
+def in_thread(target: object) -> tuple[threading.Thread, list[object]]:
+    """Run ``target()`` in a thread: (thread, [result or exception])."""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(target())  # type: ignore[operator]
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_passes_traffic_through(primary_proxy: FaultProxy, healthy_cluster: LocalCluster) -> None:
+    with connect(primary_proxy, healthy_cluster) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (healthy_cluster.port(0),)
+    assert primary_proxy.accepted == 1
+    assert f"{primary_proxy.port}" in repr(primary_proxy)
+    assert "password" not in repr(primary_proxy)
+
+
+def test_delay_slows_every_round_trip(
+    primary_proxy: FaultProxy, healthy_cluster: LocalCluster
+) -> None:
+    with connect(primary_proxy, healthy_cluster) as conn:
+        primary_proxy.delay(0.1)
+        t0 = time.monotonic()
+        conn.execute("SELECT 1").fetchone()
+        assert time.monotonic() - t0 >= 0.2  # 0.1 s each way
+        primary_proxy.heal()
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_bandwidth_limits_a_large_result(
+    primary_proxy: FaultProxy, healthy_cluster: LocalCluster
+) -> None:
+    with connect(primary_proxy, healthy_cluster) as conn:
+        primary_proxy.bandwidth(1_000_000)
+        t0 = time.monotonic()
+        (text,) = conn.execute("SELECT repeat('x', 500000)").fetchone()
+        assert len(text) == 500000
+        assert time.monotonic() - t0 >= 0.4  # 500 kB at 1 MB/s
+
+
+def test_blackhole_hangs_established_and_new_connections(
+    primary_proxy: FaultProxy, healthy_cluster: LocalCluster
+) -> None:
+    conn = connect(primary_proxy, healthy_cluster)
+    primary_proxy.blackhole()
+    thread, out = in_thread(lambda: conn.execute("SELECT 1").fetchone())
+    thread.join(0.5)
+    assert thread.is_alive() and out == []  # no answer on the established connection
+    new, new_out = in_thread(lambda: connect(primary_proxy, healthy_cluster, connect_timeout=1))
+    new.join(3)
+    assert isinstance(new_out[0], psycopg.OperationalError)  # a new one times out
+    primary_proxy.reset()  # the hung query now fails at once
+    thread.join(3)
+    assert isinstance(out[0], psycopg.OperationalError)
+    conn.close()
+    primary_proxy.heal()
+    with connect(primary_proxy, healthy_cluster) as again:
+        assert again.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_drop_and_reset(primary_proxy: FaultProxy, healthy_cluster: LocalCluster) -> None:
+    conn = connect(primary_proxy, healthy_cluster)
+    primary_proxy.drop()
+    with pytest.raises(psycopg.OperationalError):
+        connect(primary_proxy, healthy_cluster, connect_timeout=2)
+    assert conn.execute("SELECT 1").fetchone() == (1,)  # drop spares established ones
+    primary_proxy.reset()
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    conn.close()
+    primary_proxy.heal()
+    with connect(primary_proxy, healthy_cluster) as again:
+        assert again.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_bad_fault_values_are_refused(primary_proxy: FaultProxy) -> None:
+    with pytest.raises(ValueError, match="delay"):
+        primary_proxy.delay(-1)
+    with pytest.raises(ValueError, match="bandwidth"):
+        primary_proxy.bandwidth(0)
+
+
+# -- pgreplica behind the proxy ---------------------------------------------------------
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.reads = 0
+        self.stale = 0
+        self.errors: list[str] = []
+        self.worst = 0.0
+        self.lock = threading.Lock()
+
+
+def cycles(
+    lb: pgreplica.LoadBalancer, api: str, row: int, stop: threading.Event, tally: Tally
+) -> None:
+    write = "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v"
+    read = "SELECT v FROM rw_counters WHERE id = %s"
+    try:
+        with lb.isolated():
+            rconn = lb.connection() if api == "connection" else None
+            if rconn is not None:
+                rconn.autocommit = True
+            try:
+                while not stop.is_set():
+                    if rconn is None:
+                        with lb.write() as conn:
+                            written = conn.execute(write, (row,)).fetchone()[0]
+                        t0 = time.monotonic()
+                        with lb.read() as conn:
+                            seen = conn.execute(read, (row,)).fetchone()[0]
+                        # a read with no token: any replica, the faulty one included
+                        with lb.isolated(), lb.read() as conn:
+                            conn.execute("SELECT 1").fetchone()
+                    else:
+                        written = rconn.execute(write, (row,)).fetchone()[0]
+                        t0 = time.monotonic()
+                        seen = rconn.execute(read, (row,)).fetchone()[0]
+                    with tally.lock:
+                        tally.reads += 1
+                        tally.worst = max(tally.worst, time.monotonic() - t0)
+                        tally.stale += seen < written
+            finally:
+                if rconn is not None:
+                    rconn.close()
+    except Exception as exc:  # asserted to be none
+        tally.errors.append(repr(exc))
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "reset", "delay", "drop"])
+@pytest.mark.parametrize("api", ["read", "connection"])
+def test_network_faults_on_a_replica_never_reach_the_caller(
+    healthy_cluster: LocalCluster, api: str, fault: str
+) -> None:
+    # replica 1 is reached through the proxy, replica 2 directly; 4 threads write and
+    # read back while the network to replica 1 fails
+    cluster = healthy_cluster
+    with FaultProxy(("127.0.0.1", cluster.port(1))) as proxy:
+        config = {
+            "databases": {
+                "main": {
+                    "primary": cluster.primary_dsn,
+                    "replicas": [proxy.dsn(cluster.replica_dsns[0]), cluster.replica_dsns[1]],
+                }
+            }
+        }
+        tally = Tally()
+        stop = threading.Event()
+        with pgreplica.LoadBalancer(config=config) as lb:
+            rows = range(740, 744)
+            prepare(lb, rows)
+            cluster.wait_replayed()
+            threads = [
+                threading.Thread(target=cycles, args=(lb, api, r, stop, tally), daemon=True)
+                for r in rows
+            ]
+            for t in threads:
+                t.start()
+            try:
+                time.sleep(0.5)
+                before = tally.reads
+                if fault == "delay":
+                    proxy.delay(1.0)  # slower than probe_timeout: as good as hung
+                else:
+                    getattr(proxy, fault)()
+                time.sleep(2.5)
+                during = tally.reads - before
+                states = {s.host: s.state for s in lb.status()}
+            finally:
+                proxy.heal()
+                wait_until(
+                    lambda: all(s.state == "up" for s in lb.status()),
+                    timeout=15,
+                    what="the replica back",
+                )
+                stop.set()
+                for t in threads:
+                    t.join(15)
+    assert not any(t.is_alive() for t in threads), "a read never finished"
+    assert tally.errors == []
+    assert tally.stale == 0
+    assert during > 0, "no read completed during the fault"
+    assert tally.worst < 1.5, f"a read took {tally.worst:.2f}s"
+    faulty = next(state for host, state in states.items() if f":{proxy.port}/" in host)
+    if fault in ("blackhole", "delay"):
+        assert faulty in ("down", "half_open"), states  # out of the read set
+    print(f"\n{api} {fault}: {tally.reads} reads, worst {tally.worst:.3f}s, states {states}")
