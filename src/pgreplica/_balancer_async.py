@@ -81,6 +81,9 @@ _Release = Callable[[Host, AConn], Awaitable[None]]  # async-only
 #: after the first check, then backs off (doubling) to _POLL_MAX.
 _POLL_FIRST = 0.0002
 _POLL_MAX = 0.05
+#: Reads on the primary that are not fallbacks: fallback_limit does not count them.
+_NOT_FALLBACK = frozenset({"primary_scope", "no_replicas"})
+_FALLBACK_POLL = 0.002
 _CLASSIFIED_MAX = 8192
 #: How long closing a down host's pool waits for its workers before failing waiters.
 _WORKERS_STOP = 0.1
@@ -617,7 +620,24 @@ class AsyncLoadBalancer(BalancerBase):
         return None
 
     async def _primary_for_read(self, route: DatabaseRoute, reason: str) -> AConn:
-        return await self._primary_conn(route, read_reason=reason)
+        """The primary's connection for a read no replica serves; one that falls back
+        there (not ``lb.primary()``, not a database without replicas) counts against
+        ``fallback_limit``, and over it waits up to ``fallback_wait`` for a place."""
+        if not self.settings.fallback_limit or reason in _NOT_FALLBACK:
+            return await self._primary_conn(route, read_reason=reason)
+        deadline = time.monotonic() + self.settings.fallback_wait
+        while not self._fallback_begin(route.name):
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._fallback_refused(route, reason)
+            await asyncio.sleep(min(_FALLBACK_POLL, deadline - now))
+        try:
+            conn = await self._primary_conn(route, read_reason=reason)
+        except BaseException:
+            self._fallback_done(route.name)
+            raise
+        self._fallback_conns[conn] = route.name
+        return conn
 
     async def _primary_conn(self, route: DatabaseRoute, *, read_reason: str | None = None) -> AConn:
         """A connection to the primary, for a write or (``read_reason``) a read no

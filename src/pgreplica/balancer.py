@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ import psycopg_pool
 from pgreplica import dns
 from pgreplica.config import DatabaseConfig, Dsn, Settings, parse_rollout
 from pgreplica.context import Scope, current_state, isolated, record_write
-from pgreplica.errors import ConfigError
+from pgreplica.errors import ConfigError, HostUnavailable
 from pgreplica.health import Backoff, Host, HostStatus, Prober
 from pgreplica.lsn import CausalToken, format_lsn, parse_lsn, split_origin
 from pgreplica.observe import WATCH, Fallback, notify
@@ -689,6 +690,12 @@ class BalancerBase:
         self._lent: dict[Host, set[Any]] = {h: set() for h in self._router.hosts.values()}
         """Connections out of the pools, per host: aborted when the prober marks their
         replica down, so a caller never waits on a server that stopped answering."""
+        self._fallback_lock = threading.Lock()
+        self._fallback_reads: dict[str, int] = {}
+        """Per database, reads on its primary because no replica could serve them
+        (``fallback_limit``), each with its connection in :attr:`_fallback_conns`."""
+        self._fallback_conns: dict[Any, str] = {}
+        self._fallback_logged: dict[str, float] = {}
         _BALANCERS.add(self)
 
     def __repr__(self) -> str:
@@ -871,6 +878,50 @@ class BalancerBase:
 
     def _unlend(self, host: Host, conn: Any) -> None:
         self._lent[host].discard(conn)  # before the pool may close it
+        if self._fallback_conns:
+            name = self._fallback_conns.pop(conn, None)
+            if name is not None:
+                self._fallback_done(name)
+
+    # -- protecting the primary (fallback_limit) ----------------------------------------
+
+    def _fallback_begin(self, name: str) -> bool:
+        """Take a place for one more fallback read of database ``name`` on its primary;
+        False when ``fallback_limit`` of them are running."""
+        with self._fallback_lock:
+            running = self._fallback_reads.get(name, 0)
+            if running >= self.settings.fallback_limit:
+                return False
+            self._fallback_reads[name] = running + 1
+            return True
+
+    def _fallback_done(self, name: str) -> None:
+        with self._fallback_lock:
+            self._fallback_reads[name] = max(0, self._fallback_reads.get(name, 0) - 1)
+
+    def _fallback_refused(self, route: DatabaseRoute, reason: str) -> HostUnavailable:
+        """The error for a read over ``fallback_limit``; logged at most once a second
+        per database, counted by the observers (``Fallback``, reason ``fallback_limit``)."""
+        limit = self.settings.fallback_limit
+        now = time.monotonic()
+        if now - self._fallback_logged.get(route.name, -1.0) >= 1.0:
+            self._fallback_logged[route.name] = now
+            logger.warning(
+                "db_fallback_limited database=%s limit=%d reason=%s: reads beyond the"
+                " limit fail until replicas serve again",
+                route.name,
+                limit,
+                reason,
+            )
+        if WATCH.on:
+            notify(Fallback(route.primary.label, "fallback_limit"))
+        return HostUnavailable(
+            f"no replica can serve this read of {route.name!r} ({reason.replace('_', ' ')})"
+            f" and the primary already serves {limit} such reads (fallback_limit);"
+            " retry later",
+            host=route.primary.label,
+            reason="fallback_limit",
+        )
 
     def _abort_lent(self, host: Host) -> None:
         """The prober marked ``host`` down: shut the sockets of the connections lent
@@ -904,6 +955,8 @@ class BalancerBase:
             host.after_fork()
         inherited: list[Any] = [conn for conns in self._lent.values() for conn in conns]
         self._lent = {h: set() for h in self._router.hosts.values()}
+        self._fallback_lock = threading.Lock()
+        self._fallback_reads, self._fallback_conns = {}, {}
         inherited.extend(self._inherited_resources())
         for item in inherited:
             release_inherited(item)

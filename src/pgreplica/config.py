@@ -201,16 +201,24 @@ class Settings:
     dns_interval: float = 30.0
     """Shortest time between two lookups of a ``replicas_dns`` name (a record's TTL
     lengthens it), with a jitter of +-10 %."""
+    fallback_limit: int = 0
+    """Protects the primary when replicas fail: at most this many reads of a database
+    on its primary at once because no replica could serve them (behind, down, a token
+    no replica has); one more waits up to :attr:`fallback_wait` for one to finish, then
+    fails with :class:`~pgreplica.HostUnavailable` (reason ``fallback_limit``). Reads in
+    ``lb.primary()`` and databases without replicas do not count. 0: no limit."""
+    fallback_wait: float = 0.05
+    """How long a read over :attr:`fallback_limit` waits for a place on the primary."""
 
     def __post_init__(self) -> None:
         if not self.databases:
             raise ConfigError("databases", "at least one database must be configured")
-        for name in ("max_lag_bytes", "pool_min_size"):
+        for name in ("max_lag_bytes", "pool_min_size", "fallback_limit"):
             _check_int(name, getattr(self, name), minimum=0)
         _check_int("pool_max_size", self.pool_max_size, minimum=1)
         if self.pool_max_size < self.pool_min_size:
             raise ConfigError("pool_max_size", "must be at least pool_min_size")
-        for name in ("max_lag_seconds", "max_wait"):
+        for name in ("max_lag_seconds", "max_wait", "fallback_wait"):
             _check_number(name, getattr(self, name), positive=False)
         for name in (
             "probe_interval",
