@@ -16,7 +16,7 @@ import pytest
 import pgreplica
 from pgreplica import observe
 from pgreplica.testing import LocalCluster
-from pgreplica.workload import prepare, wait_until
+from pgreplica.workload import Tally, gathered, prepare, sync_cycles, threaded, wait_until
 
 
 @contextlib.contextmanager
@@ -326,52 +326,6 @@ HANG_SECONDS = 2.5
 READ_BOUND = 1.5
 
 
-class Tally:
-    def __init__(self) -> None:
-        self.reads = 0
-        self.stale: list[tuple[int, int]] = []
-        self.errors: list[str] = []
-        self.worst = 0.0
-        self.lock = threading.Lock()
-
-    def add(self, written: int, seen: int, seconds: float) -> None:
-        with self.lock:
-            self.reads += 1
-            self.worst = max(self.worst, seconds)
-            if seen < written:
-                self.stale.append((written, seen))
-
-
-def _sync_cycles(
-    lb: pgreplica.LoadBalancer, api: str, row: int, stop: threading.Event, tally: Tally
-) -> None:
-    sql_w = "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v"
-    sql_r = "SELECT v FROM rw_counters WHERE id = %s"
-    try:
-        with lb.isolated():
-            rconn = lb.connection() if api == "connection" else None
-            if rconn is not None:
-                rconn.autocommit = True
-            try:
-                while not stop.is_set():
-                    if rconn is None:
-                        with lb.write() as conn:
-                            written = conn.execute(sql_w, (row,)).fetchone()[0]
-                        t0 = time.monotonic()
-                        with lb.read() as conn:
-                            seen = conn.execute(sql_r, (row,)).fetchone()[0]
-                    else:
-                        written = rconn.execute(sql_w, (row,)).fetchone()[0]
-                        t0 = time.monotonic()
-                        seen = rconn.execute(sql_r, (row,)).fetchone()[0]
-                    tally.add(written, seen, time.monotonic() - t0)
-            finally:
-                if rconn is not None:
-                    rconn.close()
-    except Exception as exc:  # asserted to be none
-        tally.errors.append(repr(exc))
-
-
 @pytest.mark.parametrize("replicas", [[1, 2], [1]])
 @pytest.mark.parametrize("api", ["read", "connection"])
 def test_sync_reads_after_writes_survive_a_replica_hanging_under_their_checks(
@@ -380,82 +334,52 @@ def test_sync_reads_after_writes_survive_a_replica_hanging_under_their_checks(
     # 4 threads write and read back at once: the reads check replica 1 directly and
     # wait for it (the default max_wait); replica 1 is frozen (SIGSTOP) mid-run
     config = replica_config(healthy_cluster, replicas)
-    tally = Tally()
-    stop = threading.Event()
     with pgreplica.LoadBalancer(config=config) as lb:
         rows = range(720, 724)
-        prepare(lb, rows)
+        prepare(lb, range(720, 725))
         healthy_cluster.wait_replayed()
-        threads = [
-            threading.Thread(target=_sync_cycles, args=(lb, api, r, stop, tally), daemon=True)
-            for r in rows
-        ]
-        for t in threads:
-            t.start()
+        until = time.monotonic() + 0.5 + HANG_SECONDS + 0.5
+        result: list[Tally] = []
+        work = threading.Thread(
+            target=lambda: result.append(threaded(lb, rows, until=until, api=api)), daemon=True
+        )
+        work.start()
+        time.sleep(0.5)
+        healthy_cluster.freeze(1)
         try:
-            time.sleep(0.5)
-            before = tally.reads
-            healthy_cluster.freeze(1)
-            time.sleep(HANG_SECONDS)
-            during = tally.reads - before
+            time.sleep(0.2)
+            # reads complete while the replica is frozen, here too
+            during = sync_cycles(lb, 724, cycles=20, api=api)
+            time.sleep(max(0.0, until - 0.5 - time.monotonic()))
         finally:
             healthy_cluster.thaw(1)
-            time.sleep(0.5)
-            stop.set()
-            for t in threads:
-                t.join(15)
-    assert not any(t.is_alive() for t in threads), "a read never finished"
+        work.join(15)
+    assert result, "a read never finished"
+    check_tally(result[0], f"{api} {replicas}")
+    check_tally(during, "during the hang")
+
+
+def check_tally(tally: Tally, what: str) -> None:
     assert tally.errors == []
-    assert tally.stale == []
-    assert during > 0, "no read completed while the replica was frozen"
-    assert tally.worst < READ_BOUND, f"a read took {tally.worst:.2f}s"
-    print(f"\n{api} {replicas}: {tally.reads} reads, worst {tally.worst:.3f}s")
+    assert tally.stale == 0
+    assert tally.cycles > 0
+    assert tally.worst_read < READ_BOUND, f"a read took {tally.worst_read:.2f}s"
+    print(f"\n{what}: {tally.cycles} reads, worst {tally.worst_read:.3f}s")
 
 
 def test_async_reads_after_writes_survive_a_replica_hanging_under_their_checks(
     healthy_cluster: LocalCluster,
 ) -> None:
     config = replica_config(healthy_cluster, [1])
-    tally = Tally()
 
-    async def cycles(alb: pgreplica.AsyncLoadBalancer, api: str, row: int, until: float) -> None:
-        sql_w = "UPDATE rw_counters SET v = v + 1 WHERE id = %s RETURNING v"
-        sql_r = "SELECT v FROM rw_counters WHERE id = %s"
-        try:
-            with alb.isolated():
-                rconn = await alb.connection() if api == "connection" else None
-                if rconn is not None:
-                    await rconn.set_autocommit(True)
-                try:
-                    while time.monotonic() < until:
-                        if rconn is None:
-                            async with alb.write() as conn:
-                                written = (await (await conn.execute(sql_w, (row,))).fetchone())[0]
-                            t0 = time.monotonic()
-                            async with alb.read() as conn:
-                                seen = (await (await conn.execute(sql_r, (row,))).fetchone())[0]
-                        else:
-                            written = (await (await rconn.execute(sql_w, (row,))).fetchone())[0]
-                            t0 = time.monotonic()
-                            seen = (await (await rconn.execute(sql_r, (row,))).fetchone())[0]
-                        tally.add(written, seen, time.monotonic() - t0)
-                finally:
-                    if rconn is not None:
-                        await rconn.close()
-        except Exception as exc:  # asserted to be none
-            tally.errors.append(repr(exc))
-
-    async def main() -> None:
+    async def main() -> Tally:
         async with pgreplica.AsyncLoadBalancer(config=config) as alb:
             until = time.monotonic() + 0.5 + HANG_SECONDS + 0.5
             work = [
-                asyncio.ensure_future(cycles(alb, api, row, until))
-                for api, row in (
-                    ("read", 724),
-                    ("read", 725),
-                    ("connection", 726),
-                    ("connection", 727),
-                )
+                asyncio.ensure_future(gathered(alb, range(724, 726), until=until, api="read")),
+                asyncio.ensure_future(
+                    gathered(alb, range(726, 728), until=until, api="connection")
+                ),
             ]
             await asyncio.sleep(0.5)
             await asyncio.to_thread(healthy_cluster.freeze, 1)
@@ -463,14 +387,12 @@ def test_async_reads_after_writes_survive_a_replica_hanging_under_their_checks(
                 await asyncio.sleep(HANG_SECONDS)
             finally:
                 await asyncio.to_thread(healthy_cluster.thaw, 1)
-            await asyncio.wait_for(asyncio.gather(*work), 15)
+            total = Tally()
+            for tally in await asyncio.wait_for(asyncio.gather(*work), 15):
+                total.add(tally)
+            return total
 
     with pgreplica.LoadBalancer(config=healthy_cluster.config()) as lb:
         prepare(lb, range(724, 728))
     healthy_cluster.wait_replayed()
-    asyncio.run(main())
-    assert tally.errors == []
-    assert tally.stale == []
-    assert tally.reads > 0
-    assert tally.worst < READ_BOUND, f"a read took {tally.worst:.2f}s"
-    print(f"\nasync: {tally.reads} reads, worst {tally.worst:.3f}s")
+    check_tally(asyncio.run(main()), "async")

@@ -62,6 +62,44 @@ class Peak(threading.Thread):
         self.conn.close()
 
 
+class Outcome:
+    """What concurrent reads met: served (the port), refused by fallback_limit, other."""
+
+    def __init__(self) -> None:
+        self.served: list[int] = []
+        self.refused: list[pgreplica.HostUnavailable] = []
+        self.other: list[BaseException] = []
+        self.peak = 0
+
+
+def concurrent_reads(lb: pgreplica.LoadBalancer, dsn: str, count: int) -> Outcome:
+    """``count`` threads each run one slow ``lb.read()``; the primary's own count of
+    them running at once is sampled meanwhile (``Outcome.peak``)."""
+    out = Outcome()
+
+    def read() -> None:
+        try:
+            with lb.read() as conn:
+                out.served.append(conn.execute(SLEEP_SQL).fetchone()[1])
+        except pgreplica.HostUnavailable as exc:
+            (out.refused if exc.reason == "fallback_limit" else out.other).append(exc)
+        except BaseException as exc:
+            out.other.append(exc)
+
+    peak = Peak(dsn)
+    peak.start()
+    try:
+        threads = [threading.Thread(target=read) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        peak.close()
+    out.peak = peak.peak
+    return out
+
+
 def all_replicas_down(lb: pgreplica.LoadBalancer | pgreplica.AsyncLoadBalancer) -> bool:
     return all(s.state != "up" for s in lb.status() if s.role == "replica")
 
@@ -76,37 +114,12 @@ def test_fallback_reads_are_capped_when_every_replica_is_down(
             for p in proxies:
                 p.reset(refuse=True)
             wait_until(lambda: all_replicas_down(lb), what="both replicas down")
-            served: list[int] = []
-            refused: list[pgreplica.HostUnavailable] = []
-            other: list[BaseException] = []
-
-            def read() -> None:
-                try:
-                    with lb.read() as conn:
-                        served.append(conn.execute(SLEEP_SQL).fetchone()[1])
-                except pgreplica.HostUnavailable as exc:
-                    if exc.reason == "fallback_limit":
-                        refused.append(exc)
-                    else:
-                        other.append(exc)
-                except BaseException as exc:
-                    other.append(exc)
-
-            peak = Peak(healthy_cluster.primary_dsn)
-            peak.start()
-            try:
-                threads = [threading.Thread(target=read) for _ in range(8)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(10)
-            finally:
-                peak.close()
-            assert other == []
-            assert len(served) >= 2 and set(served) == {healthy_cluster.port(0)}
-            assert len(refused) >= 1 and len(served) + len(refused) == 8
-            assert peak.peak <= 2, f"{peak.peak} fallback reads ran on the primary at once"
-            message = str(refused[0])
+            out = concurrent_reads(lb, healthy_cluster.primary_dsn, 8)
+            assert out.other == []
+            assert len(out.served) >= 2 and set(out.served) == {healthy_cluster.port(0)}
+            assert len(out.refused) >= 1 and len(out.served) + len(out.refused) == 8
+            assert out.peak <= 2, f"{out.peak} fallback reads ran on the primary at once"
+            message = str(out.refused[0])
             assert "fallback_limit" in message and "'main'" in message
             assert "password" not in message.lower()
             assert "db_fallback_limited database=main limit=2" in caplog.text
@@ -172,24 +185,9 @@ def test_no_limit_by_default(healthy_cluster: LocalCluster) -> None:
         for p in proxies:
             p.reset(refuse=True)
         wait_until(lambda: all_replicas_down(lb), what="both replicas down")
-        served: list[int] = []
-
-        def read() -> None:
-            with lb.read() as conn:
-                served.append(conn.execute(SLEEP_SQL).fetchone()[1])
-
-        peak = Peak(healthy_cluster.primary_dsn)
-        peak.start()
-        try:
-            threads = [threading.Thread(target=read) for _ in range(6)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(10)
-        finally:
-            peak.close()
-        assert len(served) == 6
-        assert peak.peak >= 3  # the count of running fallback reads sees them
+        out = concurrent_reads(lb, healthy_cluster.primary_dsn, 6)
+        assert (len(out.served), out.refused, out.other) == (6, [], [])
+        assert out.peak >= 3  # the count of running fallback reads sees them
 
 
 @pytest.mark.parametrize(
