@@ -3,14 +3,19 @@ pgreplica behind it: network faults on a replica never reach the caller."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 import pgreplica
+from pgreplica import health
+from pgreplica.config import Dsn
 from pgreplica.testing import FaultProxy, LocalCluster
 from pgreplica.workload import Tally, prepare, sync_cycles, threaded, wait_until
 
@@ -173,3 +178,58 @@ def test_network_faults_on_a_replica_never_reach_the_caller(
     if fault in ("blackhole", "delay"):
         assert faulty in ("down", "half_open"), states  # out of the read set
     print(f"\n{api} {fault}: {tally.cycles} reads, worst {tally.worst_read:.3f}s, {states}")
+
+
+@pytest.mark.parametrize(
+    "when", ["as the connection opens", "while the first query is slow", "while it hangs"]
+)
+def test_a_prober_stopped_mid_probe_closes_the_connection_it_just_opened(
+    primary_proxy: FaultProxy, healthy_cluster: LocalCluster, when: str
+) -> None:
+    """A host's probing stops (the balancer closes, or DNS drops the host) just as a
+    new probe connection opens, or while the first query on it is slow or hangs: it
+    is closed, not left open for the garbage collector (a ResourceWarning that once
+    failed an unrelated test)."""
+    opened: list[psycopg.AsyncConnection[tuple[object, ...]]] = []
+
+    class Prober(health.Prober):
+        async def _connect(self, host: health.Host) -> psycopg.AsyncConnection[tuple[object, ...]]:
+            conn = await super()._connect(host)
+            opened.append(conn)
+            if when == "as the connection opens":
+                self.remove_host(host)
+            elif when == "while the first query is slow":
+                primary_proxy.delay(0.2)  # answered, and cancelled, but slowly
+            else:
+                primary_proxy.blackhole()  # the first query never gets an answer
+            return conn
+
+    dsn = Dsn(primary_proxy.dsn(healthy_cluster.primary_dsn))
+    host = health.Host(dsn, configured_primary=True, backoff=health.Backoff())
+    prober = Prober(
+        [host],
+        interval=0.1,
+        timeout=30,
+        connect_timeout=5,
+        statement_timeout=30,
+        application_name="t",
+        on_change=lambda: None,
+    )
+
+    async def main() -> None:
+        task = asyncio.ensure_future(prober.run())
+        deadline = time.monotonic() + 10
+        while not opened and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # the first query is in flight
+        prober.stop()
+        await asyncio.wait_for(task, 10)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        asyncio.run(main())
+        assert len(opened) == 1, "the prober never connected through the proxy"
+        assert opened[0].closed
+        opened.clear()
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []

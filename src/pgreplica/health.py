@@ -424,9 +424,10 @@ class Prober:
         conn: psycopg.AsyncConnection[tuple[object, ...]] | None,
         stuck: set[asyncio.Future[object]],
     ) -> psycopg.AsyncConnection[tuple[object, ...]] | None:
+        given = conn
         try:
             if conn is None or conn.closed:
-                conn = await asyncio.wait_for(self._connect(host), self.connect_timeout + 0.5)
+                conn = await self._connect_bounded(host)
                 answered, system = await self._bounded(_system_identifier(conn), host, conn, stuck)
                 if not answered:
                     return None
@@ -457,12 +458,30 @@ class Prober:
                 host.history, host.history_timeline = history, tli
             return conn
         except asyncio.CancelledError:
+            # Stopping: a connection opened in this round is nobody else's to close.
+            if conn is not None and conn is not given:
+                _abandon(conn)
             raise
         except Exception as exc:
             host.record_failure(type(exc).__name__, error_reason(exc))
             if conn is not None:
                 await _close_quietly(conn)
             return None
+
+    async def _connect_bounded(self, host: Host) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        """A new probe connection within ``connect_timeout`` (plus slack). One that
+        completes after the wait was given up, or while the prober stops, is closed
+        rather than left open for the garbage collector."""
+        task = asyncio.ensure_future(self._connect(host))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.connect_timeout + 0.5)
+        except asyncio.CancelledError:
+            _discard_when_done(task)
+            raise
+        if not done:
+            _discard_when_done(task)
+            raise TimeoutError
+        return task.result()
 
     async def _bounded(
         self,
@@ -569,6 +588,17 @@ def _abandon(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
     """Drop a connection to a hung server without waiting for it."""
     with contextlib.suppress(Exception):
         conn.pgconn.finish()
+
+
+def _discard_when_done(task: asyncio.Future[psycopg.AsyncConnection[tuple[object, ...]]]) -> None:
+    """Cancel a connection attempt nobody waits for; close what it opened anyway."""
+
+    def close(done: asyncio.Future[psycopg.AsyncConnection[tuple[object, ...]]]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            _abandon(done.result())
+
+    task.cancel()
+    task.add_done_callback(close)
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
