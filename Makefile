@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench chaos clean
 
 install: $(STAMP)
 
@@ -34,6 +34,13 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # BENCH_ARGS goes to bench.run, e.g. make bench BENCH_ARGS="--only overhead,offload".
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Workers reading their own writes while faults fire on real servers (bench/chaos.py);
+# CHAOS_SECONDS=300 make chaos for a longer run. Exits non-zero on any stale read, lost
+# write or unexpected error.
+CHAOS_SECONDS ?= 60
+chaos: install
+	$(BIN)/python -m bench.chaos --seconds $(CHAOS_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache

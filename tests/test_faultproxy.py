@@ -76,7 +76,7 @@ def test_bandwidth_limits_a_large_result(
         assert time.monotonic() - t0 >= 0.4  # 500 kB at 1 MB/s
 
 
-def test_blackhole_hangs_established_and_new_connections(
+def test_blackhole_holds_established_and_new_connections_until_healed(
     primary_proxy: FaultProxy, healthy_cluster: LocalCluster
 ) -> None:
     conn = connect(primary_proxy, healthy_cluster)
@@ -87,6 +87,13 @@ def test_blackhole_hangs_established_and_new_connections(
     new, new_out = in_thread(lambda: connect(primary_proxy, healthy_cluster, connect_timeout=1))
     new.join(3)
     assert isinstance(new_out[0], psycopg.OperationalError)  # a new one times out
+    primary_proxy.heal()  # the partition ends: the held query goes through
+    thread.join(3)
+    assert out == [(1,)]
+    primary_proxy.blackhole()
+    thread, out = in_thread(lambda: conn.execute("SELECT 2").fetchone())
+    thread.join(0.5)
+    assert thread.is_alive() and out == []
     primary_proxy.reset()  # the hung query now fails at once
     thread.join(3)
     assert isinstance(out[0], psycopg.OperationalError)

@@ -14,7 +14,8 @@ Faults (each stays until :meth:`FaultProxy.heal` or another call changes it):
 * :meth:`~FaultProxy.delay`: every chunk of data waits ``seconds`` each way;
 * :meth:`~FaultProxy.bandwidth`: at most ``bytes_per_second`` each way, per connection;
 * :meth:`~FaultProxy.blackhole`: new connections are accepted and never answered, and
-  established ones stop forwarding (data is read and thrown away): a hung network;
+  established ones stop forwarding: a network partition (what is sent meanwhile is
+  held, and flows again once healed, as TCP would retransmit it);
 * :meth:`~FaultProxy.drop`: new connections are closed as soon as they are accepted;
 * :meth:`~FaultProxy.reset`: every established connection is aborted (TCP RST), and
   with ``refuse=True`` new ones too until healed.
@@ -40,6 +41,7 @@ __all__ = ["FaultProxy"]
 
 _CHUNK = 65536
 _START_TIMEOUT = 5.0
+_PARTITION_POLL = 0.01
 
 
 class FaultProxy:
@@ -144,7 +146,9 @@ class FaultProxy:
         self._rate = bytes_per_second
 
     def blackhole(self) -> None:
-        """Accept connections but never answer; established ones stop forwarding."""
+        """A network partition: new connections are accepted but never answered, and
+        established ones stop forwarding. What is sent meanwhile waits and flows again
+        on :meth:`heal`, as TCP would retransmit it; :meth:`reset` breaks them instead."""
         self._blackhole = True
 
     def drop(self) -> None:
@@ -197,9 +201,7 @@ class FaultProxy:
         self._writers.add(writer)
         upstream: asyncio.StreamWriter | None = None
         try:
-            if self._blackhole:
-                await self._swallow(reader)
-                return
+            await self._partitioned()
             host, port = self.target
             try:
                 up_reader, up_writer = await asyncio.wait_for(
@@ -220,9 +222,10 @@ class FaultProxy:
                     with contextlib.suppress(Exception):
                         w.close()
 
-    async def _swallow(self, reader: asyncio.StreamReader) -> None:
-        while await reader.read(_CHUNK):
-            pass
+    async def _partitioned(self) -> None:
+        """Wait while the proxy is blackholed."""
+        while self._blackhole:
+            await asyncio.sleep(_PARTITION_POLL)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -230,15 +233,13 @@ class FaultProxy:
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
-                if self._blackhole:
-                    continue  # read and thrown away: the other side never hears of it
+                await self._partitioned()  # held, not lost: the other side hears later
                 if self._delay:
                     await asyncio.sleep(self._delay)
                 rate = self._rate
                 if rate:
                     await asyncio.sleep(len(data) / rate)
-                if self._blackhole:
-                    continue
+                await self._partitioned()
                 writer.write(data)
                 await writer.drain()
         finally:
