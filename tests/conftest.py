@@ -4,6 +4,10 @@
 ``healthy_cluster``  ``cluster``, healed before and after the test (for failure injection).
 ``scratch_cluster``  a throwaway primary + 1 replica per test (for promotion).
 
+The secret scan (tests/secret_scan.py) checks everything the session prints and logs
+for the secrets of tests/secrets_registry.py; the cluster fixtures register their
+passwords there.
+
 The cluster directories are made with ``make_cluster_directory`` rather than pytest's
 ``tmp_path``: when the tests run as root the servers run as ``postgres``, which cannot
 enter pytest's 0700 temp directories.
@@ -24,6 +28,11 @@ from pgreplica.testing import LocalCluster, make_cluster_directory
 # Session-scoped Redis server (tests/redis_server.py) for the sticking tests.
 from redis_server import redis_server  # noqa: F401
 
+# The secrets of the tests, for the secret scan (tests/secret_scan.py).
+from secrets_registry import register_cluster
+
+pytest_plugins = ("secret_scan",)
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
@@ -34,7 +43,7 @@ def cluster() -> Iterator[LocalCluster]:
     """
     local = LocalCluster(make_cluster_directory(), replicas=2)
     try:
-        yield local.up()
+        yield register_cluster(local.up(), "session cluster password")
     finally:
         local.destroy()
 
@@ -56,7 +65,7 @@ def scratch_cluster() -> Iterator[LocalCluster]:
     """A fresh primary with one streaming replica, destroyed after the test."""
     local = LocalCluster(make_cluster_directory(), replicas=1)
     try:
-        yield local.up()
+        yield register_cluster(local.up(), "scratch cluster password")
     finally:
         local.destroy()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pgreplica.testing import LocalCluster
+from secrets_registry import register_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "django_perf"
@@ -47,6 +48,9 @@ def project(cluster: LocalCluster) -> Iterator[None]:
     import django
 
     django.setup()
+    from django.conf import settings
+
+    register_secret(settings.SECRET_KEY, "Django SECRET_KEY")
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)

@@ -52,6 +52,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from secrets_registry import register_secret
+
 __all__ = ["PatroniCluster", "PatroniError", "patroni_cluster"]
 
 HOST = "127.0.0.1"
@@ -195,7 +197,7 @@ class PatroniCluster:
         self.directory = directory
         self.patroni_binary = patroni
         self.etcd_binary = etcd
-        self.password = secrets.token_hex(12)
+        self.password = register_secret(secrets.token_hex(12), "Patroni cluster password")
         ports = _free_ports(2 + 2 * len(NODES))
         self.etcd_client_port, self.etcd_peer_port = ports[0], ports[1]
         self.nodes = {

@@ -7,10 +7,13 @@ skipped, with the reason. Import it in a test module (or in ``conftest.py``, to 
 available everywhere)::
 
     from redis_server import redis_server  # noqa: F401
+
+:func:`running_redis` starts one of a test's own, optionally with a password.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -18,10 +21,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
-__all__ = ["free_port", "redis_server"]
+__all__ = ["free_port", "redis_server", "running_redis"]
 
 REDIS_SERVER = "/usr/bin/redis-server"
 START_TIMEOUT = 10.0
@@ -36,10 +40,11 @@ def free_port() -> int:
 
 
 def _pings(port: int) -> bool:
+    """Redis answers on ``port`` (with ``PONG``, or asking for the password first)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -53,13 +58,23 @@ def _find_binary() -> str | None:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of a running Redis server, shared by the whole session."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_redis(directory: Path, *, password: str | None = None) -> Iterator[str]:
+    """A ``redis-server`` in ``directory`` for the time of the ``with`` block; its URL.
+
+    With ``password``, the server requires it (``requirepass``) and the URL carries it
+    (``redis://:<password>@127.0.0.1:<port>/0``). Skips the test without a binary.
+    """
     binary = _find_binary()
     if binary is None:
         reason = f"redis-server not found ({REDIS_SERVER} nor on PATH): Redis tests skipped"
         print(reason)
         pytest.skip(reason)
     port = free_port()
-    directory: Path = tmp_path_factory.mktemp("redis")
     log_path = directory / "redis.log"
     command = [
         binary,
@@ -70,6 +85,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--dir", str(directory),
         "--logfile", str(log_path),
     ]  # fmt: skip
+    if password is not None:
+        command += ["--requirepass", password]
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -83,7 +100,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     f" (exit code {process.poll()}):\n{log[-2000:]}"
                 )
             time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        auth = "" if password is None else f":{quote(password, safe='')}@"
+        yield f"redis://{auth}127.0.0.1:{port}/0"
     finally:
         process.terminate()
         try:

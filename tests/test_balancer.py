@@ -17,6 +17,9 @@ import pytest
 import pgreplica
 from pgreplica.testing import LocalCluster
 from pgreplica.workload import gathered, prepare, threaded, wait_until
+from secrets_registry import register_secret
+
+register_secret("S3cr3t-pw", "test DSN password")
 
 
 def host_state(lb: pgreplica.LoadBalancer, port: int) -> str:

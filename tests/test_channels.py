@@ -33,9 +33,11 @@ pytest.importorskip("channels_redis", reason="channels-redis is not installed (.
 pytest.importorskip("django", reason="Django is not installed (pip install '.[dev]')")
 
 from django_project import EXAMPLE, dsn, example_env
+from secrets_registry import register_secret
 
 GROUP = "signatures"  # the example's group (perf.consumers.GROUP)
 REPLICAS = ("read_replica", "read_replica_2")
+register_secret("k3y", "channel layer signing key")
 
 
 def layers(redis_url: str, **config: Any) -> dict[str, Any]:

@@ -9,6 +9,9 @@ import pytest
 
 from pgreplica.cli import main
 from pgreplica.testing import LocalCluster
+from secrets_registry import register_secret
+
+register_secret("S3cr3t-pw", "test DSN password")
 
 
 def password_of(cluster: LocalCluster) -> str:

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from pgreplica import AsyncLoadBalancer, ConfigError, DatabaseConfig, Dsn, LoadBalancer, Settings
+from secrets_registry import register_secret
 
-SECRET = "S3cr3t-pw"
+SECRET = register_secret("S3cr3t-pw", "test DSN password")
 PRIMARY_URL = f"postgresql://app:{SECRET}@db-primary.internal:5433/shop"
 REPLICA_URL = f"postgresql://app:{SECRET}@db-replica1.internal:5434/shop"
 REPLICA_KV = f"host=db-replica2.internal port=5435 user=app password={SECRET} dbname=shop"

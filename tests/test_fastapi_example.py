@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from pgreplica.testing import LocalCluster
+from secrets_registry import register_secret
 
 pytest.importorskip("fastapi", reason="FastAPI is not installed (.[dev])")
 pytest.importorskip("uvicorn", reason="uvicorn is not installed (.[dev])")
@@ -34,7 +35,7 @@ import httpx
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fastapi_app"
 DATABASE = "fastapi_example"
-KEY = "fastapi-example-test-key"
+KEY = register_secret("fastapi-example-test-key", "FastAPI example signing key")
 HEADER = "X-PgReplica-Token"
 START_TIMEOUT = 30.0
 

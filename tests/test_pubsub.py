@@ -20,10 +20,12 @@ from pgreplica import jobs, pubsub
 from pgreplica.lsn import CausalToken
 from pgreplica.pubsub import EnvelopeError
 from pgreplica.testing import LocalCluster
+from secrets_registry import register_secret
 
 redis = pytest.importorskip("redis")
 
 TABLE = "CREATE TABLE IF NOT EXISTS ps_items (id serial PRIMARY KEY, v text NOT NULL)"
+register_secret("secret", "pubsub signing key")
 
 
 @pytest.fixture

@@ -29,12 +29,14 @@ from pgreplica.sticking import (
 from pgreplica.testing import LocalCluster
 from pgreplica.workload import INCREMENT_SQL, READ_SQL, prepare, wait_until
 from redis_server import free_port, redis_server  # noqa: F401
+from secrets_registry import register_secret
 
 redis = pytest.importorskip("redis")
 
 #: Counter rows of rw_counters owned by this module (other modules use 0..63).
 ROW = 900
 RAW_ID = "alice.42@example.com"
+register_secret("s3cret", "sticking key secret")
 
 
 def token(**lsns: int) -> CausalToken:

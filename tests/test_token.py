@@ -10,8 +10,10 @@ import time
 import pytest
 
 from pgreplica import CausalToken, TokenError, format_lsn, parse_lsn
+from secrets_registry import register_secret
 
-KEY = b"a-signing-key"
+KEY = register_secret(b"a-signing-key", "token signing key")
+TEXT_KEY = register_secret("a text key", "token signing key (text)")
 
 # -- LSN text ----------------------------------------------------------------------------
 
@@ -339,7 +341,7 @@ def test_equal_tokens_hash_equal() -> None:
 # -- signing -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", [KEY, "a text key", b"\x00\xff" * 40])
+@pytest.mark.parametrize("key", [KEY, TEXT_KEY, b"\x00\xff" * 40])
 def test_sign_and_verify_round_trip(key: bytes | str) -> None:
     token = CausalToken({"main": 0x16B3748, "ci": 0x52A0})
     signed = token.sign(key)

@@ -66,8 +66,12 @@ class Dsn:
     def __init__(self, text: str, *, setting: str = "dsn") -> None:
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(setting, "expected a connection string (URL or key=value)")
+        if "\x00" in text:  # libpq would stop reading there, dropping what follows
+            raise ConfigError(setting, "malformed connection string (NUL character)")
         try:
             params = conninfo_to_dict(text)
+        except UnicodeEncodeError:  # lone surrogates: an environment that was not UTF-8
+            raise ConfigError(setting, "malformed connection string (not UTF-8)") from None
         except psycopg.ProgrammingError as exc:
             # libpq quotes pieces of the text, which may hold the password: drop them.
             first_line = (str(exc).strip().splitlines() or ["invalid"])[0]
@@ -75,7 +79,7 @@ class Dsn:
             raise ConfigError(setting, f"malformed connection string ({reason})") from None
         host = str(params.get("host") or params.get("hostaddr") or "localhost")
         port = str(params.get("port") or "5432")
-        if not all(p.isdigit() and 0 < int(p) < 65536 for p in port.split(",")):
+        if not all(_port_number(p) for p in port.split(",")):
             raise ConfigError(setting, "port must be a number between 1 and 65535")
         dbname = str(params.get("dbname") or params.get("user") or "")
         user = str(params.get("user") or "")
@@ -283,8 +287,12 @@ class Settings:
                 data = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError("config", f"file not found: {file}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {file}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # TOMLDecodeError, not UTF-8, an integer over 4300 digits
             raise ConfigError("config", f"{file} is not valid TOML ({exc})") from None
+        except RecursionError:
+            raise ConfigError("config", f"{file} is nested too deeply") from None
         return cls.from_dict(data, environ=environ)
 
     @classmethod
@@ -401,8 +409,8 @@ def _dns_name(entry: Mapping[str, Any], where: str) -> str | None:
         return None
     if (
         not isinstance(name, str)
-        or not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]*\.?)*[A-Za-z0-9_.-]*", name)
         or len(name) > 253
+        or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)
     ):
         raise ConfigError(f"{where}.replicas_dns", f"expected a DNS name, got {name!r}")
     return name
@@ -460,8 +468,11 @@ def _patroni_urls(value: Any, setting: str) -> tuple[str, ...]:
         raise ConfigError(setting, "expected a list of Patroni REST API URLs")
     urls = []
     for item in items:
+        if isinstance(item, str) and re.match(r"\s*(https?://)?[^/\s]*@", item):
+            raise ConfigError(setting, "no credentials in a Patroni URL: GET /cluster needs none")
         if not isinstance(item, str) or not re.fullmatch(r"https?://[^/\s]+/?", item):
-            raise ConfigError(setting, f"expected http://host:port, got {str(item)[:60]!r}")
+            shown = re.sub(r"[^/\s@]*@", "***@", str(item))  # user:password@
+            raise ConfigError(setting, f"expected http://host:port, got {shown[:60]!r}")
         urls.append(item.rstrip("/"))
     return tuple(urls)
 
@@ -523,7 +534,10 @@ def _coerce(key: str, value: Any, *, setting: str | None = None) -> Any:
         except ValueError:
             raise ConfigError(setting, f"expected an integer, got {value!r}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(setting, "must be a finite number of seconds") from None
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(setting, f"expected text, got {type(value).__name__}")
     return value
@@ -537,11 +551,16 @@ def _dns_servers(setting: str, value: Any) -> tuple[str, ...]:
     servers = tuple(i.strip() for i in items if i.strip())
     for server in servers:
         address, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
-        if port and not (port.isdigit() and 0 < int(port) < 65536):
+        if port and not _port_number(port):
             raise ConfigError(setting, f"bad port in {server!r}")
         if not address or not re.fullmatch(r"[0-9A-Fa-f.:]+", address):
             raise ConfigError(setting, f"expected an IP address, got {server!r}")
     return servers
+
+
+def _port_number(text: str) -> bool:
+    """``text`` is a TCP port: ASCII digits, 1 to 65535 (``"²".isdigit()`` is true too)."""
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def _function_names(setting: str, value: Any) -> tuple[str, ...]:
@@ -569,13 +588,20 @@ def _parse_size(setting: str, text: str) -> int:
     match = _SIZE_RE.match(text)
     if match is None:
         raise ConfigError(setting, f"expected a size like 8388608 or '8MiB', got {text!r}")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    try:
+        return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    except ValueError:  # over the 4300 digits int() accepts
+        raise ConfigError(setting, f"size too large: {text[:40]!r}") from None
 
 
 def _check_number(name: str, value: Any, *, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(name, f"expected a number of seconds, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        raise ConfigError(name, "must be a finite number of seconds, got too large a one") from None
+    if not finite:
         raise ConfigError(name, f"must be a finite number of seconds, got {value}")
     if value < 0 or (positive and value == 0):
         raise ConfigError(
