@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,10 @@ from pgreplica.testing import LocalCluster
 django = pytest.importorskip("django", reason="Django is not installed (pip install '.[dev]')")
 
 from django_project import DB, EXAMPLE, example_env  # noqa: E402
+from redis_server import free_port  # noqa: E402
+from secrets_registry import register_secret  # noqa: E402
+
+register_secret("S3cr3t-pw", "test DSN password")
 
 
 @pytest.fixture
@@ -299,6 +304,31 @@ def test_a_replica_read_served_by_the_primary_carries_its_position(
     assert CausalToken.verify(carried, key).covers(CausalToken.verify(token, key))
 
 
+def test_a_position_the_primary_never_reached_is_dropped_not_signed_again(
+    client: Any, healthy_cluster: LocalCluster
+) -> None:
+    """A token signed with the right key but carrying a position beyond the primary (a
+    bug elsewhere, a restored database, a leaked key) would send every read of the
+    client to the primary, and each response would sign it again. Once the primary has
+    been probed after the signing time (plus the clock skew tokens tolerate, 5 min),
+    the position is dropped at the door, as in the ASGI and WSGI middleware."""
+    from django.conf import settings
+
+    from pgreplica import CausalToken
+    from pgreplica.contrib.django.state import integration
+
+    lb = integration().lb
+    database = lb.databases[0]
+    healthy_cluster.wait_replayed()
+    bogus = CausalToken({database: 2**62}).sign(settings.SECRET_KEY, issued_at=time.time() - 600)
+    for _ in range(3):
+        response = client.get("/api/signatures/", HTTP_X_PGREPLICA_TOKEN=bogus)
+        assert response.status_code == 200
+        carried = response.headers.get("X-PgReplica-Token")
+        if carried:
+            assert CausalToken.verify(carried, settings.SECRET_KEY).get(database) < 2**62
+
+
 def test_tampered_token_is_ignored(client: Any) -> None:
     response = client.get("/api/signatures/", HTTP_X_PGREPLICA_TOKEN="default=FF/FFFFFFFF.forged")
     assert response.status_code == 200
@@ -372,16 +402,22 @@ def test_pytest_django_and_kill_switch_in_a_fresh_process(fresh_cluster: LocalCl
     assert result.returncode == 0 and "no-op ok" in result.stdout, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("store", ["memory", "redis", "unreachable redis"])
 def test_server_side_sticking_for_authenticated_users(
     project: None, healthy_cluster: LocalCluster, redis_server: str, store: str
 ) -> None:
     """A client that carries neither cookie nor header (another session of the same
-    user, a webhook acting for them) still reads its user's writes."""
+    user, a webhook acting for them) still reads its user's writes. With Redis
+    unreachable, the writes still succeed (the stick is logged as failed) and the
+    reads go to the primary."""
     from django.contrib.auth.models import User
     from django.test import Client, override_settings
 
-    spec = "memory" if store == "memory" else redis_server
+    spec = {
+        "memory": "memory",
+        "redis": redis_server,
+        "unreachable redis": f"redis://127.0.0.1:{free_port()}/0",
+    }[store]
     user = User.objects.create(username=new_name("user"))
     healthy_cluster.lag(1, "300ms")
     healthy_cluster.lag(2, "300ms")

@@ -17,6 +17,8 @@ import pytest
 
 import pgreplica
 from pgreplica.testing import LocalCluster
+from redis_server import free_port
+from secrets_registry import register_secret
 
 pytest.importorskip("starlette", reason="Starlette is not installed (.[dev])")
 pytest.importorskip("httpx", reason="httpx is not installed (.[dev])")
@@ -36,7 +38,7 @@ from pgreplica.contrib.asgi import PgReplicaMiddleware
 from pgreplica.contrib.sqlalchemy import AsyncRoutingSession, RoutingSession
 from pgreplica.contrib.wsgi import PgReplicaMiddleware as WSGIMiddleware
 
-KEY = "web-test-key"
+KEY = register_secret("web-test-key", "web middleware signing key")
 SCHEMA = "CREATE TABLE IF NOT EXISTS web_items (id serial PRIMARY KEY, title text NOT NULL)"
 
 
@@ -263,6 +265,75 @@ def test_sticking_by_user_and_a_bad_token(
     assert outcome["shown"]["title"] == "stuck"
     assert outcome["forged"] == 200
     assert "pgreplica_token_rejected" in caplog.text
+
+
+def test_sticking_store_unreachable_writes_succeed_and_reads_use_the_primary(
+    alb: pgreplica.AsyncLoadBalancer,
+    healthy_cluster: LocalCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis down: the write's response still goes out, with its token (the failed
+    stick is logged), and another device of the user, with no token, reads the primary."""
+    app = starlette_app(
+        alb,
+        sticking=f"redis://127.0.0.1:{free_port()}/0",
+        identify=lambda scope: dict(scope["headers"]).get(b"x-user", b"").decode() or None,
+    )
+
+    async def scenario() -> dict[str, Any]:
+        async with client(app) as web:
+            created = await web.post("/items", json={"title": "down"}, headers={"X-User": "7"})
+        async with client(app) as other_device:
+            shown = await other_device.get(
+                f"/items/{created.json()['id']}", headers={"X-User": "7"}
+            )
+        await app.sticking.store.aclose()
+        return {"created": created, "shown": shown.json()}
+
+    lag(healthy_cluster, "300ms")
+    try:
+        with caplog.at_level(logging.WARNING, logger="pgreplica.sticking"):
+            outcome = run(alb, scenario)
+    finally:
+        lag(healthy_cluster, 0)
+    assert outcome["created"].status_code == 201
+    assert outcome["created"].headers.get("X-PgReplica-Token")
+    assert outcome["shown"]["title"] == "down"
+    assert outcome["shown"]["port"] == healthy_cluster.port(0)
+    operations = [m.rsplit("operation=", 1)[-1] for m in caplog.messages]
+    assert {"adopt", "stick"} <= set(operations), caplog.messages
+
+
+def test_sticking_keys_from_a_spec_are_keyed_hmacs(
+    alb: pgreplica.AsyncLoadBalancer, healthy_cluster: LocalCluster, redis_server: str
+) -> None:
+    """A store built from a URL names its keys by an HMAC of the user id under a key
+    derived from the signing key: whoever reads Redis cannot find user 7's entry by
+    hashing candidate ids."""
+    import redis
+
+    from pgreplica.sticking import MemoryStickingStore, Sticking
+
+    app = starlette_app(
+        alb,
+        sticking=redis_server,
+        identify=lambda scope: dict(scope["headers"]).get(b"x-user", b"").decode() or None,
+    )
+    user = f"user-{uuid.uuid4().hex}"
+
+    async def scenario() -> int:
+        async with client(app) as web:
+            created = await web.post("/items", json={"title": "k"}, headers={"X-User": user})
+        await app.sticking.store.aclose()
+        return created.status_code
+
+    assert run(alb, scenario) == 201
+    unkeyed = Sticking(alb, MemoryStickingStore()).key(user)
+    prefix = app.sticking.store.prefix
+    with redis.Redis.from_url(redis_server) as r:
+        assert r.exists(prefix + app.sticking.key(user)) == 1
+        assert r.exists(prefix + unkeyed) == 0
+    assert app.sticking.key(user) != unkeyed
 
 
 def test_a_fastapi_sync_endpoint_in_the_thread_pool_returns_its_token(

@@ -9,6 +9,8 @@ browsers, signed with the same key (Django's ``PGREPLICA["SIGNING_KEY"]`` or
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -58,16 +60,21 @@ class TokenExchange:
         (``pgreplica_token_rejected``) and ignored."""
         token = EMPTY_TOKEN
         for text in (header, cookie_value(cookie_header, self.cookie)):
-            if not text:
-                continue
-            try:
-                verified = CausalToken.verify(text, self.key)
-            except TokenError as exc:
-                logger.info("pgreplica_token_rejected reason=%s", exc)
-                continue
-            issued = int(text.rsplit(".", 2)[1])  # verify() checked it is there
-            token = token | self.bounded(verified, issued)
+            token = token | self.accepted(text)
         return token
+
+    def accepted(self, text: str | None) -> CausalToken:
+        """One signed token as the client sent it: verified and :meth:`bounded`; empty
+        if absent, and if bad (logged as ``pgreplica_token_rejected``)."""
+        if not text:
+            return EMPTY_TOKEN
+        try:
+            verified = CausalToken.verify(text, self.key)
+        except TokenError as exc:
+            logger.info("pgreplica_token_rejected reason=%s", exc)
+            return EMPTY_TOKEN
+        issued = int(text.rsplit(".", 2)[1])  # verify() checked it is there
+        return self.bounded(verified, issued)
 
     def bounded(self, token: CausalToken, issued: float) -> CausalToken:
         """``token`` without the positions its primary, probed after the token was
@@ -160,7 +167,9 @@ class Middleware:
             lb, key, header=header, cookie=cookie, safe_methods=safe_methods
         )
         self.lb = lb
-        self.sticking = sticking_for(sticking, lb, asynchronous=self.asynchronous)
+        self.sticking = sticking_for(
+            sticking, lb, asynchronous=self.asynchronous, secret=sticking_secret(key)
+        )
         self.identify = identify
 
 
@@ -179,9 +188,18 @@ def cookie_value(cookie_header: str | None, name: str) -> str | None:
     return None
 
 
-def sticking_for(spec: Any, lb: BalancerBase, *, asynchronous: bool) -> Any:
+def sticking_secret(key: bytes | str) -> bytes:
+    """The HMAC key of the sticking store's keys, derived from the token signing key
+    (in a domain of its own): a store built from a spec hides small user ids too."""
+    raw = key.encode() if isinstance(key, str) else key
+    return hmac.new(raw, b"pgreplica sticking keys", hashlib.sha256).digest()
+
+
+def sticking_for(
+    spec: Any, lb: BalancerBase, *, asynchronous: bool, secret: bytes | None = None
+) -> Any:
     """``None``, ``"memory"``, a ``redis://`` URL, or a ready ``Sticking`` /
-    ``AsyncSticking``."""
+    ``AsyncSticking`` (used as it is); ``secret`` keys the stores built from a spec."""
     if spec is None or not isinstance(spec, str):
         return spec
     from pgreplica import sticking
@@ -197,5 +215,5 @@ def sticking_for(spec: Any, lb: BalancerBase, *, asynchronous: bool) -> Any:
     else:
         raise ConfigError("sticking", "expected 'memory', a redis:// URL or a Sticking object")
     if asynchronous:
-        return sticking.AsyncSticking(lb, store)
-    return sticking.Sticking(lb, store)
+        return sticking.AsyncSticking(lb, store, secret=secret)
+    return sticking.Sticking(lb, store, secret=secret)

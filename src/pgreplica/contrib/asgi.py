@@ -98,7 +98,7 @@ class PgReplicaMiddleware(Middleware):
                         message = {**message, "headers": [*message.get("headers", ()), *extra]}
                         who = ident if ident is not None else await self._ident(scope)
                         if self.sticking is not None and who is not None:
-                            await self.sticking.stick(who, token)
+                            await self.sticking.try_stick(who, token)
                 await send(message)
 
             await self.app(scope, receive, send_wrapper)

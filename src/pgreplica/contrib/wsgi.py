@@ -79,7 +79,7 @@ class PgReplicaMiddleware(Middleware):
                     if who is None and self.identify is not None:
                         who = self.identify(environ)
                     if self.sticking is not None and who is not None:
-                        self.sticking.stick(who, token)
+                        self.sticking.try_stick(who, token)
                 return start_response(status, headers, *exc_info)
 
             return self.app(environ, start)

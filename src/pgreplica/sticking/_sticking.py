@@ -148,6 +148,17 @@ class Sticking(_StickingBase):
         if token:
             self.store.stick(self.key(ident), token, self.ttl)
 
+    def try_stick(self, ident: object, token: CausalToken | None = None) -> bool:
+        """:meth:`stick`, for callers that must go on when the store is unreachable (a
+        middleware after the request's writes committed, whose response carries the
+        token anyway): a WARNING is logged and the result is False."""
+        try:
+            self.stick(ident, token)
+        except StickingUnavailable as exc:
+            self._unavailable("stick", exc)
+            return False
+        return True
+
     def adopt(self, ident: object) -> contextlib.AbstractContextManager[RouteState]:
         """A scope whose reads see the writes last stuck for ``ident``::
 
@@ -239,6 +250,15 @@ class AsyncSticking(_StickingBase):
             token = self.lb.token()
         if token:
             await self.store.stick(self.key(ident), token, self.ttl)
+
+    async def try_stick(self, ident: object, token: CausalToken | None = None) -> bool:
+        """See :meth:`Sticking.try_stick`."""
+        try:
+            await self.stick(ident, token)
+        except StickingUnavailable as exc:
+            self._unavailable("stick", exc)
+            return False
+        return True
 
     def adopt(self, ident: object) -> _AsyncAdopt:
         """See :meth:`Sticking.adopt`; the store is read on ``async with`` entry."""

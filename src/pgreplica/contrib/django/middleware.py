@@ -20,9 +20,14 @@ from typing import Any
 from pgreplica import observe
 from pgreplica.balancer import LSN_SQL, primary_token
 from pgreplica.context import record_write
-from pgreplica.contrib._web import COOKIE, HEADER
+from pgreplica.contrib._web import (
+    COOKIE,
+    HEADER,
+    TokenExchange,
+    sticking_for,
+    sticking_secret,
+)
 from pgreplica.contrib.django.state import REQUEST, RequestState, integration, track_queries
-from pgreplica.errors import TokenError
 from pgreplica.lsn import CausalToken, parse_lsn
 
 logger = logging.getLogger("pgreplica.django")
@@ -39,11 +44,12 @@ class PgReplicaMiddleware:
         self.key: str = options.get("SIGNING_KEY") or settings.SECRET_KEY
         self.sticking_spec = options.get("STICKING")
         self.usage_log = bool(options.get("USAGE_LOG", False))
+        self._exchange: TokenExchange | None = None
 
     def __call__(self, request: Any) -> Any:
         lb = integration().lb
-        sticking = _sticking(self.sticking_spec)
-        incoming = self._incoming(request)
+        sticking = _sticking(self.sticking_spec, self.key)
+        incoming = self._incoming(request, lb)
         state = RequestState()
         with ExitStack() as stack:
             if self.usage_log:
@@ -76,22 +82,20 @@ class PgReplicaMiddleware:
                     secure=request.is_secure(),
                 )
                 if sticking is not None and ident is not None:
-                    sticking.stick(ident)
+                    sticking.try_stick(ident)
         return response
 
-    def _incoming(self, request: Any) -> CausalToken:
-        token = CausalToken()
-        for text in (
-            request.headers.get(self.header_name),
-            request.COOKIES.get(self.cookie_name),
-        ):
-            if not text:
-                continue
-            try:
-                token = token | CausalToken.verify(text, self.key)
-            except TokenError as exc:
-                logger.info("pgreplica_token_rejected reason=%s", exc)
-        return token
+    def _incoming(self, request: Any, lb: Any) -> CausalToken:
+        """The request's token: header and cookie, verified and merged, each without
+        the positions its primary, probed since the token was signed, never reached
+        (:meth:`TokenExchange.bounded`), so that a bad position is not signed again."""
+        exchange = self._exchange
+        if exchange is None or exchange.lb is not lb:
+            exchange = self._exchange = TokenExchange(
+                lb, self.key, header=self.header_name, cookie=self.cookie_name
+            )
+        header = exchange.accepted(request.headers.get(self.header_name))
+        return header | exchange.accepted(request.COOKIES.get(self.cookie_name))
 
     def _ident(self, request: Any) -> Any:
         user = getattr(request, "user", None)
@@ -129,19 +133,18 @@ def _log_usage(request: Any, used: observe.Usage) -> None:
     )
 
 
-_stickings: dict[tuple[int, str], Any] = {}
+_stickings: dict[tuple[int, str, str], Any] = {}
 
 
-def _sticking(spec: Any) -> Any:
+def _sticking(spec: Any, signing_key: str) -> Any:
     """``None``, ``"memory"``, a ``redis://`` URL, or a ready ``Sticking`` object. One
-    per process and spec: every middleware instance shares the same store."""
+    per process and spec: every middleware instance shares the same store. Keys are
+    HMACs under a key derived from the signing key."""
     if spec is None or not isinstance(spec, str):
         return spec
-    from pgreplica.sticking import MemoryStickingStore, RedisStickingStore, Sticking
-
     lb = integration().lb
-    key = (id(lb), spec)
+    key = (id(lb), spec, signing_key)
     if key not in _stickings:
-        store = MemoryStickingStore() if spec == "memory" else RedisStickingStore(spec)
-        _stickings[key] = Sticking(lb, store)
+        secret = sticking_secret(signing_key)
+        _stickings[key] = sticking_for(spec, lb, asynchronous=False, secret=secret)
     return _stickings[key]

@@ -41,6 +41,8 @@ class ReadReplicaRouter:
         state = REQUEST.get()
         if state is None or not state.replica or state.primary_only:
             return None
+        if current_state().use_primary:
+            return None  # lb.primary(), e.g. the sticking store unreachable
         if self.replica_apps is not None and model._meta.app_label not in self.replica_apps:
             return None
         lb = integration()
