@@ -28,6 +28,7 @@ from pgreplica.config import Settings
 from pgreplica.dump import DumpError, Visibility, dump, verify
 from pgreplica.localcluster import find_bindir
 from pgreplica.testing import LocalCluster
+from secrets_registry import register_secret
 
 DB = "pgreplica_dump_test"
 USERS, CRATES, VERSIONS = 2000, 6000, 30000
@@ -613,6 +614,7 @@ def test_no_healthy_replica_is_an_error_unless_the_primary_is_allowed(
     code, _, stderr = run_cli([*argv, "--allow-primary"], capsys)
     assert code == 0, stderr
     assert f"dumping from the PRIMARY 127.0.0.1:{healthy_cluster.port(0)}/{DB}" in stderr
+    assert out.stat().st_mode & 0o777 == 0o600  # like the directory output: owner only
     with tarfile.open(out) as tar:
         member = tar.extractfile("metadata.json")
         assert member is not None
@@ -637,7 +639,7 @@ def test_a_database_without_replicas_or_unknown_is_an_error_naming_it(
 def test_unreachable_replicas_never_show_their_password(
     dumpdb: LocalCluster, visibility: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    secret = "S3cr3t-pw-dump"
+    secret = register_secret("S3cr3t-pw-dump", "dump test DSN password")
     config = write(
         tmp_path,
         f'[databases.main]\nprimary = "{db_dsn(dumpdb, 0)}"\n'
@@ -768,3 +770,12 @@ def test_cli_usage_errors(config: Path, tmp_path: Path, capsys: pytest.CaptureFi
         capsys,
     )
     assert code == 1 and "already exists: not overwriting it" in stderr
+
+
+def test_the_dump_source_repr_holds_no_password() -> None:
+    """Error trackers record a traceback's local variables: the source chosen for a
+    dump shows its label and role, never its connection string."""
+    from pgreplica.dump.source import _Source
+
+    source = _Source("postgresql://u:S3cr3t-pw-dump@h:5432/db", "h:5432/db", "replica")
+    assert "S3cr3t-pw-dump" not in repr(source) and "h:5432/db" in repr(source)

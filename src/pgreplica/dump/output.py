@@ -4,6 +4,7 @@ and the ``.tar.gz`` they can be packed into."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,10 @@ def _metadata(
 def _write_tarball(staging: Path, target: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     try:
-        with tarfile.open(partial, "w:gz") as tar:
+        # Readable by its owner only, like the dump directory (umask aside).
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
             for path in sorted(staging.rglob("*")):
                 tar.add(path, arcname=path.relative_to(staging).as_posix(), recursive=False)
         partial.rename(target)

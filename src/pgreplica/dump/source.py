@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pgreplica.balancer import Router
 from pgreplica.config import Settings
@@ -15,7 +15,7 @@ from pgreplica.health import Host, Prober, ProberThread
 
 @dataclass(frozen=True)
 class _Source:
-    conninfo: str
+    conninfo: str = field(repr=False)  # holds the password
     label: str
     role: str
     """``replica``, or ``primary`` (only with ``--allow-primary``)."""
