@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgreplica
 from pgreplica.balancer import Router
 from pgreplica.health import Backoff, BreakerState, Host
+from pgreplica.testing import LocalCluster
 
 MiB = 1024 * 1024
 
@@ -124,3 +128,42 @@ def test_kill_switch_creates_no_replica_host() -> None:
     router = make_router(enabled=False)
     assert [h.label for h in router.hosts.values()] == ["p:5432/"]
     assert router.databases["main"].replicas == ()
+
+
+def tcp_settings(fd: int) -> tuple[int, int, int, int, int]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT of a
+    connected socket."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+
+
+def test_connections_notice_a_dead_network_path_in_seconds(
+    healthy_cluster: LocalCluster,
+) -> None:
+    """Pooled and probe connections get TCP keepalives and a user timeout, so a server
+    whose network died is noticed in seconds rather than the OS's hours; what a DSN
+    sets itself is kept."""
+    cluster = healthy_cluster
+    replica = conninfo_to_dict(cluster.dsn(1))
+    replica["keepalives_idle"] = "30"  # the user's own choice wins
+    config = {
+        "databases": {
+            "main": {"primary": cluster.primary_dsn, "replicas": [make_conninfo(**replica)]}
+        }
+    }
+    with pgreplica.LoadBalancer(config=config) as lb:
+        with lb.write() as conn:
+            assert tcp_settings(conn.pgconn.socket) == (1, 5, 2, 3, 10000)
+        with lb.isolated(), lb.read() as conn:  # not after the write: on the replica
+            assert conn.on_replica, conn.reason
+            assert tcp_settings(conn.pgconn.socket) == (1, 30, 2, 3, 10000)
+        probes = lb._prober.connections  # the prober's own connections, one per host
+        assert probes, "no probe connection open"
+        for conn in probes.values():
+            assert tcp_settings(conn.pgconn.socket)[0::4] == (1, 10000)

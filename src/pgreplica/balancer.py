@@ -31,7 +31,7 @@ from pgreplica import dns
 from pgreplica.config import DatabaseConfig, Dsn, Settings, parse_rollout
 from pgreplica.context import Scope, current_state, isolated, record_write
 from pgreplica.errors import ConfigError, HostUnavailable
-from pgreplica.health import Backoff, Host, HostStatus, Prober
+from pgreplica.health import Backoff, Host, HostStatus, Prober, tcp_options
 from pgreplica.lsn import CausalToken, format_lsn, parse_lsn, split_origin
 from pgreplica.observe import WATCH, Fallback, notify
 from pgreplica.sql import PRIMARY, Catalog, Classification, OperatorRow, RelationRow
@@ -979,6 +979,7 @@ class BalancerBase:
                 # a prepared statement lives on one server connection: not through a
                 # pooler in transaction mode
                 **({"prepare_threshold": None} if s.transaction_pooling else {}),
+                **tcp_options(host.dsn.conninfo),
             },
             "open": False,
             "timeout": s.connect_timeout,
