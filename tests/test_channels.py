@@ -37,7 +37,7 @@ from secrets_registry import register_secret
 
 GROUP = "signatures"  # the example's group (perf.consumers.GROUP)
 REPLICAS = ("read_replica", "read_replica_2")
-register_secret("k3y", "channel layer signing key")
+register_secret("channels-s1gning-k3y", "channel layer signing key")
 
 
 def layers(redis_url: str, **config: Any) -> dict[str, Any]:
@@ -254,7 +254,7 @@ def test_signed_envelopes_and_a_tampered_one(
     from pgreplica.contrib.channels import KEY
 
     class Signed(SignatureUpdates):  # type: ignore[misc]
-        pgreplica_key = "k3y"
+        pgreplica_key = "channels-s1gning-k3y"
 
     async def scenario() -> list[dict[str, Any]]:
         communicator = WebsocketCommunicator(Signed.as_asgi(), "/ws/signatures/")
@@ -276,7 +276,7 @@ def test_signed_envelopes_and_a_tampered_one(
         return pushed
 
     with (
-        override_settings(CHANNEL_LAYERS=layers(redis_server, key="k3y")),
+        override_settings(CHANNEL_LAYERS=layers(redis_server, key="channels-s1gning-k3y")),
         caplog.at_level(logging.WARNING, logger="pgreplica.channels"),
     ):
         signed, tampered = asyncio.run(scenario())

@@ -25,7 +25,7 @@ from secrets_registry import register_secret
 redis = pytest.importorskip("redis")
 
 TABLE = "CREATE TABLE IF NOT EXISTS ps_items (id serial PRIMARY KEY, v text NOT NULL)"
-register_secret("secret", "pubsub signing key")
+register_secret("pubsub-s3cret-key", "pubsub signing key")
 
 
 @pytest.fixture
@@ -98,17 +98,17 @@ def test_oversized_unsigned_and_tampered_envelopes_are_refused(
     big = pubsub.wrap("x" * 2000, lb)
     with pytest.raises(EnvelopeError, match="over the 1000 limit"):
         pubsub.unwrap(big, max_bytes=1000)
-    signed = pubsub.wrap({"id": 1}, lb, key="secret")
-    assert pubsub.unwrap(signed, key="secret")[0] == {"id": 1}
+    signed = pubsub.wrap({"id": 1}, lb, key="pubsub-s3cret-key")
+    assert pubsub.unwrap(signed, key="pubsub-s3cret-key")[0] == {"id": 1}
     assert pubsub.unwrap(signed)[0] == {"id": 1}  # the signature is optional to check
     with pytest.raises(EnvelopeError, match="not signed"):
-        pubsub.unwrap(pubsub.wrap({"id": 1}, lb), key="secret")
+        pubsub.unwrap(pubsub.wrap({"id": 1}, lb), key="pubsub-s3cret-key")
     with pytest.raises(EnvelopeError, match="does not match"):
         pubsub.unwrap(signed, key="other")
     forged = json.loads(signed)
     forged["wal"] = {"main": "FFFFFFFF/FFFFFFFF"}
     with pytest.raises(EnvelopeError, match="does not match"):
-        pubsub.unwrap(json.dumps(forged), key="secret")
+        pubsub.unwrap(json.dumps(forged), key="pubsub-s3cret-key")
     with pytest.raises(EnvelopeError, match="JSON-able"):
         pubsub.wrap(object(), lb)
     with pytest.raises(EnvelopeError, match="key must not be empty"):

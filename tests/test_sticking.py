@@ -36,7 +36,7 @@ redis = pytest.importorskip("redis")
 #: Counter rows of rw_counters owned by this module (other modules use 0..63).
 ROW = 900
 RAW_ID = "alice.42@example.com"
-register_secret("s3cret", "sticking key secret")
+register_secret("sticking-s3cret-key", "sticking key secret")
 
 
 def token(**lsns: int) -> CausalToken:
@@ -232,7 +232,7 @@ def test_keys_are_hashed_and_never_hold_the_raw_id(
     assert keys == [f"{redis_store.prefix}user:{digest}"]
     assert not any(part in k for k in keys for part in (RAW_ID, "alice", "example"))
     assert sticking.store.get(sticking.key(RAW_ID)) == token(main=5)
-    keyed = Sticking(offline_lb, redis_store, namespace="tenant", secret="s3cret")
+    keyed = Sticking(offline_lb, redis_store, namespace="tenant", secret="sticking-s3cret-key")
     assert keyed.key(RAW_ID).startswith("tenant:")
     assert keyed.key(RAW_ID).split(":")[1] != digest  # HMAC, not a bare hash
 
