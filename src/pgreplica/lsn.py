@@ -288,10 +288,11 @@ class CausalToken:
         payload, sep, signature = text.rpartition(".")
         if not sep:
             raise TokenError("token is not signed")
-        if not hmac.compare_digest(signature.encode(), _mac(key, payload).encode()):
+        expected = _mac(key, payload).encode()
+        if not hmac.compare_digest(signature.encode("utf-8", "surrogatepass"), expected):
             raise TokenError("token signature does not match")
         body, sep, issued = payload.rpartition(".")
-        if not sep or not issued.isdigit() or len(issued) > 12:
+        if not sep or not (issued.isascii() and issued.isdigit()) or len(issued) > 12:
             raise TokenError("signed token has no signing time")
         age = (time.time() if now is None else now) - int(issued)
         if max_age is not None and age > max_age:
@@ -305,7 +306,9 @@ def _mac(key: bytes | str, payload: str) -> str:
     raw_key = key.encode() if isinstance(key, str) else key
     if not raw_key:
         raise TokenError("signing key must not be empty")
-    digest = hmac.new(raw_key, payload.encode(), hashlib.sha256).digest()
+    # surrogatepass: text with lone surrogates (surrogateescape, a JSON "\ud800") is
+    # signed and checked like any other, not a UnicodeEncodeError; other text as UTF-8.
+    digest = hmac.new(raw_key, payload.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 

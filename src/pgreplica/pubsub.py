@@ -169,6 +169,8 @@ def unwrap(
         body = json.loads(text)
     except ValueError:
         raise EnvelopeError("envelope is not valid JSON") from None
+    except RecursionError:
+        raise EnvelopeError("envelope is nested too deeply") from None
     if not isinstance(body, dict) or "pgreplica" not in body:
         return message, None  # JSON that merely mentions the word
     if body.get("pgreplica") != VERSION:
@@ -177,7 +179,8 @@ def unwrap(
     if key is not None:
         if not isinstance(signature, str):
             raise EnvelopeError("envelope is not signed")
-        if not hmac.compare_digest(signature.encode(), _mac(key, _canonical(body)).encode()):
+        expected = _mac(key, _canonical(body)).encode()
+        if not hmac.compare_digest(signature.encode("utf-8", "surrogatepass"), expected):
             raise EnvelopeError("envelope signature does not match")
     kind, data, wal = body.get("type"), body.get("data"), body.get("wal")
     if kind not in _TYPES or "data" not in body or not isinstance(wal, dict):
