@@ -453,3 +453,20 @@ def test_signed_tokens_expire_and_are_not_from_the_future() -> None:
         CausalToken.verify(signed, KEY, now=1_000_000 - 3600)
     with pytest.raises(TokenError, match="expired"):
         CausalToken.verify(token.sign(KEY, issued_at=time.time() - 61), KEY, max_age=60)
+
+
+def test_errors_about_untrusted_tokens_stay_short() -> None:
+    """A name or value from a job header or a message is quoted in an error (which
+    is logged) cut to 40 characters, and a mapping naming too many databases is
+    refused before it is read."""
+    long_name = "x" * 100_000
+    for bad in (
+        {long_name + "!": "0/1"},  # an invalid name
+        {long_name: 1},  # not text
+        {long_name: "0/1@" + "9" * 100},  # a malformed origin
+    ):
+        with pytest.raises(TokenError) as info:
+            CausalToken.from_dict(bad)  # type: ignore[arg-type]
+        assert len(str(info.value)) < 200, str(info.value)[:300]
+    with pytest.raises(TokenError, match="at most 256"):
+        CausalToken.from_dict({f"db{i}": "0/1" for i in range(257)})

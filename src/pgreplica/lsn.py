@@ -19,6 +19,16 @@ from pgreplica.errors import TokenError
 _LSN_RE = re.compile(r"\A([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\Z")
 _NAME_RE = re.compile(r"\A[A-Za-z0-9_]{1,63}\Z")
 _MAX_TOKEN_TEXT = 4096
+#: A token from a mapping (a job's headers) names at most this many databases; its
+#: text form is bounded by _MAX_TOKEN_TEXT.
+_MAX_TOKEN_DATABASES = 256
+
+
+def _shown(name: object) -> str:
+    """A name from untrusted input, for an error message: quoted, at most 40 characters."""
+    return repr(str(name)[:40])
+
+
 #: How long a signed token is accepted after it was signed, by default (seconds).
 SIGNED_MAX_AGE = 3600.0
 _CLOCK_SKEW = 300.0
@@ -75,7 +85,7 @@ def _parse_entry(name: str, text: str) -> tuple[int, str | None]:
     lsn_text, sep, origin = text.partition("@")
     if sep and not _ORIGIN_RE.match(origin):
         raise TokenError(
-            f"malformed origin {origin[:40]!r} for {name!r}: expected"
+            f"malformed origin {origin[:40]!r} for {_shown(name)}: expected"
             " '<timeline>-<system identifier>' in decimal"
         )
     return parse_lsn(lsn_text), origin if sep else None
@@ -121,11 +131,13 @@ class CausalToken:
         clean: dict[str, int] = {}
         for name, position in (lsns or {}).items():
             if not isinstance(name, str) or not _NAME_RE.match(name):
-                raise TokenError(f"invalid database name in token: {name!r}")
+                raise TokenError(f"invalid database name in token: {_shown(name)}")
             if not isinstance(position, int) or isinstance(position, bool):
-                raise TokenError(f"LSN for {name!r} must be an int, got {type(position).__name__}")
+                raise TokenError(
+                    f"LSN for {_shown(name)} must be an int, got {type(position).__name__}"
+                )
             if not 0 <= position < 1 << 64:
-                raise TokenError(f"LSN for {name!r} out of range: {position}")
+                raise TokenError(f"LSN for {_shown(name)} out of range: {str(position)[:40]}")
             if position:
                 clean[name] = position
         bound: dict[str, str] = {}
@@ -133,7 +145,7 @@ class CausalToken:
             if name not in clean or origin is None:
                 continue
             if not isinstance(origin, str) or not _ORIGIN_RE.match(origin):
-                raise TokenError(f"malformed origin for {name!r}: {str(origin)[:40]!r}")
+                raise TokenError(f"malformed origin for {_shown(name)}: {str(origin)[:40]!r}")
             bound[name] = origin
         self._lsns = clean
         self._origins = bound
@@ -208,11 +220,13 @@ class CausalToken:
     def from_dict(cls, data: Mapping[str, str]) -> CausalToken:
         if not isinstance(data, Mapping):
             raise TokenError(f"token must be a mapping, got {type(data).__name__}")
+        if len(data) > _MAX_TOKEN_DATABASES:
+            raise TokenError(f"token names {len(data)} databases, at most {_MAX_TOKEN_DATABASES}")
         lsns: dict[str, int] = {}
         origins: dict[str, str] = {}
         for name, text in data.items():
             if not isinstance(text, str):
-                raise TokenError(f"LSN for {name!r} must be text like '0/16B3748'")
+                raise TokenError(f"LSN for {_shown(name)} must be text like '0/16B3748'")
             lsns[name], origin = _parse_entry(str(name), text)
             if origin is not None:
                 origins[name] = origin
@@ -255,7 +269,7 @@ class CausalToken:
             if not sep:
                 raise TokenError(f"malformed token part {part[:40]!r}: expected 'database=X/Y'")
             if name in lsns:
-                raise TokenError(f"database {name!r} appears twice in token")
+                raise TokenError(f"database {_shown(name)} appears twice in token")
             lsns[name], origin = _parse_entry(name, entry)
             if origin is not None:
                 origins[name] = origin
