@@ -14,7 +14,15 @@ from typing import Any
 import psycopg
 
 from pgreplica.dump._util import DumpError, _first_line, quote_ident, quote_literal
-from pgreplica.dump.visibility import PUBLIC, TableRule, Visibility, VisibilityError
+from pgreplica.dump.visibility import (
+    PUBLIC,
+    TableRule,
+    Visibility,
+    VisibilityError,
+    catalog_dependency_warnings,
+    column_mismatch,
+    did_you_mean,
+)
 
 _BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
@@ -171,14 +179,19 @@ def _build_plan(conn: psycopg.Connection[Any], visibility: Visibility) -> _Plan:
         row = relations.get((rule.schema, rule.name))
         if row is None or row[3] not in ("r", "p"):
             what = "does not exist" if row is None else f"is not a table (relkind {row[3]!r})"
+            if row is None:
+                names = [n for (s, n), r in relations.items() if s == rule.schema and r[3] in "rp"]
+                what += did_you_mean(rule.name, names)
             missing.append(f"{rule.setting}: {rule.qualified} {what}")
             continue
+        if rule.all_private:
+            continue  # reviewed, and nothing of it leaves: not exported, not "unlisted"
         oid, _, _, _, _, pages, reltuples = row
         estimate = int(reltuples) if reltuples is not None and reltuples >= 0 else None
         tables[oid] = _Table(oid, rule.schema, rule.name, rule, [], int(pages), estimate)
     if missing:
         raise VisibilityError(source, "listed tables not in the database: " + "; ".join(missing))
-    listed = {(t.schema, t.name) for t in tables.values()}
+    listed = {(r.schema, r.name) for r in visibility.tables}
     unlisted = sorted(
         f"{schema}.{name}"
         for (schema, name), row in relations.items()
@@ -201,23 +214,13 @@ def _build_plan(conn: psycopg.Connection[Any], visibility: Visibility) -> _Plan:
     unclassified: list[str] = []
     unknown: list[str] = []
     for table in tables.values():
-        levels = table.rule.columns
-        names = {c.name for c in table.columns}
+        missing_columns, stray = table.rule.unmatched_columns([c.name for c in table.columns])
+        unclassified += [f"{table.qualified}.{c}" for c in missing_columns]
+        unknown += stray  # named next to the unclassified ones: a misspelling shows as both
         for column in table.columns:
-            level = levels.get(column.name)
-            if level is None:
-                unclassified.append(f"{table.qualified}.{column.name}")
-            column.public = level == PUBLIC
-        unknown += [f"{table.rule.setting}.columns.{c}" for c in levels if c not in names]
-    if unclassified:
-        raise VisibilityError(
-            source,
-            f"{len(unclassified)} column(s) not classified as public or private: "
-            + ", ".join(unclassified)
-            + " (nothing is exported by default: classify every column of an exported table)",
-        )
-    if unknown:
-        raise VisibilityError(source, "classified columns that do not exist: " + ", ".join(unknown))
+            column.public = table.rule.columns.get(column.name) == PUBLIC
+    if unclassified or unknown:
+        raise VisibilityError(source, column_mismatch(unclassified, unknown))
     enum_types: set[int] = set()
     other_types: dict[str, str] = {}
     for column, table, type_oid, typtype, type_name in user_types:
@@ -282,6 +285,7 @@ def _build_plan(conn: psycopg.Connection[Any], visibility: Visibility) -> _Plan:
             "keys must be public (a key that is private cannot be exported, and a dump "
             "without it cannot keep its foreign keys): " + "; ".join(problems),
         )
+    warnings += catalog_dependency_warnings(conn, {t.oid: t.rule for t in tables.values()})
 
     ordered = _order_and_filter(tables)
 

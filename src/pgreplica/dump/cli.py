@@ -1,14 +1,17 @@
-"""The ``pgreplica dump`` command: its options, and export or ``--verify``."""
+"""The ``pgreplica dump`` command: its options, and export, ``--verify`` or
+``--check-visibility``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from pgreplica.config import Settings
+from pgreplica.dump.check import CheckResult, check_schema, check_visibility
 from pgreplica.dump.export import dump
 from pgreplica.dump.verify import verify
-from pgreplica.dump.visibility import Visibility
+from pgreplica.dump.visibility import AUTO, FORMATS, Visibility
 from pgreplica.errors import ConfigError
 
 
@@ -31,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--visibility", metavar="FILE", help="TOML file classifying every exported column"
     )
+    parser.add_argument(
+        "--visibility-format",
+        choices=FORMATS,
+        default=AUTO,
+        help="the visibility file's format: crates.io's [TABLE.columns] or pgreplica's "
+        "[tables.TABLE] (default: auto, told apart by its shape)",
+    )
     parser.add_argument("--out", metavar="DIR|FILE.tar.gz", help="new directory, or a .tar.gz file")
     parser.add_argument(
         "--jobs", type=_positive, default=1, metavar="N", help="parallel connections (1)"
@@ -48,6 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR|FILE.tar.gz",
         help="import a dump into a scratch database on the primary and check it",
     )
+    parser.add_argument(
+        "--check-visibility",
+        action="store_true",
+        help="compare the visibility file with the database and name every unclassified "
+        "or unknown table and column; exports nothing (exit status 1 on a mismatch)",
+    )
+    parser.add_argument(
+        "--schema",
+        metavar="FILE.sql",
+        help="with --check-visibility: compare with this schema (pg_dump --schema-only) "
+        "instead of a database",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.check_visibility:
+        return _check(args)
+    if args.schema is not None:
+        raise ConfigError("--schema", "only with --check-visibility")
     settings = Settings.from_env() if args.config is None else Settings.from_toml(args.config)
     if args.verify is not None:
         if args.out is not None or args.visibility is not None:
@@ -74,11 +100,47 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(option, "required (or --verify DIR to check a dump)")
     dump(
         settings,
-        Visibility.load(args.visibility),
+        Visibility.load(args.visibility, format=args.visibility_format),
         args.out,
         database=args.database,
         jobs=args.jobs,
         allow_primary=args.allow_primary,
         quiet=args.quiet,
     )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``--check-visibility``: every mismatch on stderr and exit status 1, or one OK line."""
+    for option, value in (("--out", args.out), ("--verify", args.verify)):
+        if value is not None:
+            raise ConfigError(option, "not with --check-visibility, which exports nothing")
+    if args.visibility is None:
+        raise ConfigError("--visibility", "required: the file --check-visibility checks")
+    visibility = Visibility.load(args.visibility, format=args.visibility_format)
+    result: CheckResult
+    if args.schema is not None:
+        for option, given in (
+            ("--config", args.config is not None),
+            ("--database", args.database is not None),
+            ("--allow-primary", args.allow_primary),
+        ):
+            if given:
+                raise ConfigError(option, "not with --schema, which reads no database")
+        result = check_schema(visibility, args.schema)
+    else:
+        settings = Settings.from_env() if args.config is None else Settings.from_toml(args.config)
+        result = check_visibility(
+            settings,
+            visibility,
+            database=args.database,
+            allow_primary=args.allow_primary,
+            stderr=sys.stderr,
+        )
+    for message in result.warnings:
+        print(f"pgreplica: warning: {message}", file=sys.stderr)
+    if not result.ok:
+        print(f"pgreplica: {result.report()}", file=sys.stderr)
+        return 1
+    print(result.summary())
     return 0
