@@ -72,13 +72,21 @@ class Outcome:
         self.peak = 0
 
 
-def concurrent_reads(lb: pgreplica.LoadBalancer, dsn: str, count: int) -> Outcome:
-    """``count`` threads each run one slow ``lb.read()``; the primary's own count of
-    them running at once is sampled meanwhile (``Outcome.peak``)."""
+def concurrent_reads(
+    lb: pgreplica.LoadBalancer, dsn: str, count: int, api: str = "read"
+) -> Outcome:
+    """``count`` threads each run one slow read, through ``lb.read()`` or a routing
+    connection in autocommit (``api="connection"``); the primary's own count of them
+    running at once is sampled meanwhile (``Outcome.peak``)."""
     out = Outcome()
 
     def read() -> None:
         try:
+            if api == "connection":
+                with lb.connection() as rconn:
+                    rconn.autocommit = True
+                    out.served.append(rconn.execute(SLEEP_SQL).fetchone()[1])
+                return
             with lb.read() as conn:
                 out.served.append(conn.execute(SLEEP_SQL).fetchone()[1])
         except pgreplica.HostUnavailable as exc:
@@ -145,6 +153,48 @@ def test_fallback_reads_are_capped_when_every_replica_is_down(
             assert lb._fallback_reads.get("main", 0) == 0
             with lb.read() as conn:
                 assert conn.on_replica
+
+
+def test_routing_connection_fallback_reads_are_capped(healthy_cluster: LocalCluster) -> None:
+    """lb.connection() in autocommit: a read statement on the primary because no
+    replica can take it holds a place while it runs; over the limit it fails fast.
+    Writes and transactions are never limited."""
+    with cut_off_replicas(healthy_cluster) as (config, proxies):
+        config.update(fallback_limit=2, fallback_wait=0.05)
+        with pgreplica.LoadBalancer(config=config) as lb:
+            for p in proxies:
+                p.reset(refuse=True)
+            wait_until(lambda: all_replicas_down(lb), what="both replicas down")
+            out = concurrent_reads(lb, healthy_cluster.primary_dsn, 8, api="connection")
+            assert out.other == []
+            assert len(out.served) >= 2 and set(out.served) == {healthy_cluster.port(0)}
+            assert len(out.refused) >= 1 and len(out.served) + len(out.refused) == 8
+            assert out.peak <= 2, f"{out.peak} fallback reads ran on the primary at once"
+            assert lb._fallback_reads.get("main", 0) == 0  # every place given back
+
+            # a transaction, a write and lb.primary() are not fallback reads
+            done: list[str] = []
+
+            def unlimited(kind: str) -> None:
+                with lb.connection() as rconn:
+                    if kind == "transaction":
+                        rconn.execute(SLEEP_SQL)  # not autocommit: a transaction
+                    elif kind == "primary":
+                        rconn.autocommit = True
+                        with lb.primary():
+                            rconn.execute(SLEEP_SQL)
+                    else:
+                        rconn.autocommit = True
+                        rconn.execute("SELECT pg_sleep(0.3) FROM pg_advisory_xact_lock(1)")
+                done.append(kind)
+
+            kinds = ["transaction", "primary", "write"] * 2
+            threads = [threading.Thread(target=unlimited, args=(k,)) for k in kinds]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert sorted(done) == sorted(kinds)
 
 
 def test_async_fallback_reads_are_capped(healthy_cluster: LocalCluster) -> None:

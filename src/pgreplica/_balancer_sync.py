@@ -544,12 +544,7 @@ class LoadBalancer(BalancerBase):
         ``fallback_limit``, and over it waits up to ``fallback_wait`` for a place."""
         if not self.settings.fallback_limit or reason in _NOT_FALLBACK:
             return self._primary_conn(route, read_reason=reason)
-        deadline = time.monotonic() + self.settings.fallback_wait
-        while not self._fallback_begin(route.name):
-            now = time.monotonic()
-            if now >= deadline:
-                raise self._fallback_refused(route, reason)
-            time.sleep(min(_FALLBACK_POLL, deadline - now))
+        self._fallback_place(route, reason)
         try:
             conn = self._primary_conn(route, read_reason=reason)
         except BaseException:
@@ -557,6 +552,17 @@ class LoadBalancer(BalancerBase):
             raise
         self._fallback_conns[conn] = route.name
         return conn
+
+    def _fallback_place(self, route: DatabaseRoute, reason: str) -> None:
+        """Take a place among ``fallback_limit`` fallback reads of ``route`` on its
+        primary, waiting up to ``fallback_wait`` for one; else raise HostUnavailable
+        (reason ``fallback_limit``). :meth:`_fallback_done` gives it back."""
+        deadline = time.monotonic() + self.settings.fallback_wait
+        while not self._fallback_begin(route.name):
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._fallback_refused(route, reason)
+            time.sleep(min(_FALLBACK_POLL, deadline - now))
 
     def _primary_conn(self, route: DatabaseRoute, *, read_reason: str | None = None) -> AConn:
         """A connection to the primary, for a write or (``read_reason``) a read no

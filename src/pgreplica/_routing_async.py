@@ -58,6 +58,9 @@ __all__ = ["AsyncCursorProxy", "AsyncRoutingConnection", "AsyncRoutingCursor"]
 AConn = AsyncConnection[Any]
 
 _SESSION_KINDS = frozenset({"set", "session_set"})
+#: Statements on the primary only because no replica could take them: they count
+#: against ``fallback_limit`` while they run (as ``lb.read()`` does).
+_FALLBACK_REASONS = frozenset({"replicas_behind", "no_healthy_replica", "fallback_primary"})
 
 
 def _refuse_session_state(c: Classification) -> None:
@@ -344,6 +347,14 @@ class AsyncRoutingConnection:
             self._primary_only = True
             self._dirty.add(host)
         started = time.perf_counter() if WATCH.on else 0.0
+        counted = (
+            reason in _FALLBACK_REASONS
+            and self._lb.settings.fallback_limit > 0
+            and host is self._route.primary
+            and bool(self._read_route.replicas)
+        )
+        if counted:  # a read on the primary only because no replica could take it
+            await self._lb._fallback_place(self._route, reason)
         try:
             await run(conn, host)
         except psycopg.Error as exc:
@@ -354,6 +365,9 @@ class AsyncRoutingConnection:
                 raise
             if reason == "read_only_retry":
                 c = refused_classification(c)  # it ran on the primary: it may have written
+        finally:
+            if counted:
+                self._lb._fallback_done(self._route.name)
         self.host, self.reason = host.label, reason
         self.db_config_name = self._config_name(host)
         note_read(current_state(), self._route.name, host)
