@@ -108,7 +108,8 @@ class Record:
     reads: int = 0
     stale: int = 0
     read_seconds: list[float] = field(default_factory=list)
-    read_spans: list[tuple[float, float]] = field(default_factory=list)
+    read_spans: list[tuple[float, float, str]] = field(default_factory=list)
+    """(start, end, routing reason) of every successful read."""
     acked: dict[int, int] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
@@ -126,7 +127,7 @@ class Record:
             self.reads += 1
             self.by_mode[mode] += 1
             self.read_seconds.append(ended - started)
-            self.read_spans.append((started, ended))
+            self.read_spans.append((started, ended, reason))
             self.reasons[reason] += 1
             if seen < written:
                 self.stale += 1
@@ -554,11 +555,20 @@ def _report(
             f"p99 {1000 * percentile(record.read_seconds, 0.99):.1f} ms, "
             f"max {max(record.read_seconds):.2f} s"
         )
-        calm = [b - a for a, b in record.read_spans if not injector.primary_faulted(a, b)]
-        lines.append(
-            f"worst read while the primary was not faulted: {max(calm, default=0.0):.2f} s "
-            f"({len(calm)} reads)"
-        )
+        calm = [r for r in record.read_spans if not injector.primary_faulted(r[0], r[1])]
+        worst = max(calm, key=lambda r: r[1] - r[0], default=None)
+        if worst is not None:
+            during = sorted(
+                {
+                    f"{'primary' if f.target == 0 else f'replica {f.target}'} {f.kind}"
+                    for f in injector.faults
+                    if f.started <= worst[1] and (f.ended is None or f.ended >= worst[0])
+                }
+            )
+            lines.append(
+                f"worst read while the primary was not faulted: {worst[1] - worst[0]:.2f} s "
+                f"({len(calm)} reads; that one {worst[2]}, during: {', '.join(during) or '-'})"
+            )
     expected_n = len(record.failures) - len(unexpected)
     lines.append(
         f"errors while the primary was faulted (expected): {expected_n}, "
