@@ -10,6 +10,7 @@ import sys
 from pgreplica.config import Settings
 from pgreplica.dump.check import CheckResult, check_schema, check_visibility
 from pgreplica.dump.export import dump
+from pgreplica.dump.output import add_output_arguments, output_options
 from pgreplica.dump.verify import verify
 from pgreplica.dump.visibility import AUTO, FORMATS, Visibility
 from pgreplica.errors import ConfigError
@@ -70,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --check-visibility: compare with this schema (pg_dump --schema-only) "
         "instead of a database",
     )
+    add_output_arguments(parser)  # --fidelity, --import, --layout, ...
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         allow_primary=args.allow_primary,
         quiet=args.quiet,
+        **output_options(args),
     )
     return 0
 

@@ -7,20 +7,21 @@ files go to a staging directory next to the target, renamed (or packed) at the e
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from pgreplica.config import Settings
 from pgreplica.dump._util import APPLICATION_NAME, DumpError, _connect
 from pgreplica.dump.catalog import _build_plan
-from pgreplica.dump.output import _import_sql, _metadata, _schema_sql, _write_tarball
+from pgreplica.dump.output import _write_output, _write_tarball
 from pgreplica.dump.progress import DumpResult, _Reporter
+from pgreplica.dump.schema import _collect_schema, _OutputOptions
 from pgreplica.dump.source import _choose_source
 from pgreplica.dump.visibility import Visibility
 from pgreplica.dump.workers import _copy_all
@@ -62,15 +63,36 @@ def dump(
     stderr: TextIO | None = None,
     quiet: bool = False,
     tty: bool | None = None,
+    fidelity: str = "full",
+    keep_private_columns: bool = False,
+    views: bool = False,
+    functions: bool = False,
+    import_mode: str = "empty",
+    load_triggers: Sequence[str] = (),
+    layout: str = "pgreplica",
+    app_commit: str | None = None,
 ) -> DumpResult:
     """Export the tables of ``visibility`` from a replica of ``database`` into ``out``.
 
     ``out`` is a new (or empty) directory, or a ``.tar.gz`` file. Nothing is written
     until the host is chosen and the catalog matches the visibility file; a failure
     later removes what was written.
+
+    The other keyword arguments choose what ``schema.sql`` and ``import.sql`` hold, and the
+    files' layout (see :mod:`pgreplica.dump.schema` and docs/dump.md, "Output").
     """
     if jobs < 1:
         raise ConfigError("--jobs", f"must be at least 1, got {jobs}")
+    options = _OutputOptions(
+        fidelity=fidelity,
+        keep_private_columns=keep_private_columns,
+        views=views,
+        functions=functions,
+        import_mode=import_mode,
+        layout=layout,
+        app_commit=app_commit,
+        load_triggers=tuple(load_triggers),
+    )
     started = time.monotonic()
     report = _Reporter(stderr or sys.stderr, quiet=quiet, tty=tty)
     target = Path(out)
@@ -91,6 +113,7 @@ def dump(
                 "not dumping from a primary without --allow-primary"
             )
         plan = _build_plan(leader, visibility)
+        schema = _collect_schema(leader, plan, options)  # extensions, functions, defaults...
         for message in plan.warnings:
             report.warning(message)
         if plan.unlisted:
@@ -106,10 +129,10 @@ def dump(
         _copy_all(leader, source, settings, snapshot, plan, staging, jobs, report)
         leader.execute("COMMIT")
 
-        (staging / "schema.sql").write_text(_schema_sql(plan, db_name, source), encoding="utf-8")
-        (staging / "import.sql").write_text(_import_sql(plan, db_name, source), encoding="utf-8")
-        metadata = _metadata(
+        metadata = _write_output(
+            staging,
             plan,
+            schema,
             visibility,
             source,
             db_name,
@@ -120,9 +143,6 @@ def dump(
             version=version,
             version_num=version_num,
             taken_at=taken_at,
-        )
-        (staging / "metadata.json").write_text(
-            json.dumps(metadata, indent=2) + "\n", encoding="utf-8"
         )
         if tarball:
             _write_tarball(staging, target)
