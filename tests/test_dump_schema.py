@@ -27,7 +27,7 @@ import psycopg
 import pytest
 
 from pgreplica.config import Settings
-from pgreplica.dump import TableRule, Visibility, dump, import_dump, verify
+from pgreplica.dump import Visibility, dump, import_dump, verify
 from pgreplica.dump.verify import _split_script, run_script
 from pgreplica.errors import ConfigError
 from pgreplica.localcluster import find_bindir
@@ -277,32 +277,86 @@ def settings(schemadb: LocalCluster, tmp_path: Path) -> Settings:
     return Settings.from_toml(path)
 
 
-@dataclasses.dataclass(frozen=True)
-class _RuleWithDefaults(TableRule):
-    """A rule with crates.io's ``column_defaults`` (whichever TableRule this tree has)."""
-
-    column_defaults: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
 def visibility(column_defaults: Mapping[str, Mapping[str, str]] | None = None) -> Visibility:
+    """The visibility file, with crates.io's ``column_defaults`` for some tables."""
     vis = Visibility.from_dict(VISIBILITY, source="visibility.toml")
-    rules = []
-    for rule in vis.tables:
-        extra = (column_defaults or {}).get(rule.name)
-        if extra:
-            if "column_defaults" in {f.name for f in dataclasses.fields(rule)}:
-                rule = dataclasses.replace(rule, column_defaults=dict(extra))  # type: ignore[call-arg,unused-ignore]
-            else:
-                values = {f.name: getattr(rule, f.name) for f in dataclasses.fields(rule)}
-                rule = _RuleWithDefaults(**values, column_defaults=dict(extra))
-        rules.append(rule)
+    rules = [
+        dataclasses.replace(rule, column_defaults=dict(column_defaults[rule.name]))
+        if column_defaults and rule.name in column_defaults
+        else rule
+        for rule in vis.tables
+    ]
     return dataclasses.replace(vis, tables=tuple(rules))
+
+
+CRATES_IO_FORMAT = """
+[users]
+filter = '''
+id IN (SELECT owner_id FROM crate_owners WHERE NOT deleted
+       UNION SELECT published_by FROM versions)'''
+[users.columns]
+id = "public"
+gh_login = "public"
+name = "public"
+gh_id = "public"
+gh_access_token = "private"
+is_admin = "private"
+[users.column_defaults]
+gh_access_token = "''"
+
+[emails.columns]
+id = "private"
+user_id = "private"
+email = "private"
+token = "private"
+
+[categories.columns]
+id = "public"
+category = "public"
+path = "public"
+
+[crates.columns]
+id = "public"
+name = "public"
+description = "public"
+created_at = "public"
+textsearchable_index_col = "private"
+max_upload_size = "public"
+
+[crate_owners]
+dependencies = ["crates", "users"]
+filter = "NOT deleted"
+[crate_owners.columns]
+crate_id = "public"
+owner_id = "public"
+deleted = "private"
+
+[versions]
+dependencies = ["crates", "users"]
+[versions.columns]
+id = "public"
+crate_id = "public"
+num = "public"
+published_by = "public"
+
+[keywords.columns]
+id = "public"
+keyword = "public"
+
+[dependencies]
+dependencies = ["crates", "versions"]
+[dependencies.columns]
+id = "public"
+version_id = "public"
+crate_id = "public"
+kind = "public"
+"""
 
 
 def export(settings: Settings, out: Path, **options: Any) -> tuple[dict[str, Any], str]:
     """Dump into ``out``; the metadata and what was printed on stderr."""
     stderr = io.StringIO()
-    vis = visibility(options.pop("column_defaults", None))
+    vis = options.pop("visibility", None) or visibility(options.pop("column_defaults", None))
     result = dump(settings, vis, out, quiet=True, stderr=stderr, tty=False, **options)
     return result.metadata, stderr.getvalue()
 
@@ -603,18 +657,28 @@ def test_import_into_an_existing_migrated_database_twice(
 
 
 def test_crates_io_layout(schemadb: LocalCluster, settings: Settings, tmp_path: Path) -> None:
-    """A dated top folder, data/<table>.csv, README.md and export.sql, metadata.json with
-    crates.io's timestamp and crates_io_commit; the tarball lists the CSV files parents
-    first; it verifies, and export.sql run with psql on a replica gives the same files."""
+    """With crates.io's configuration file as written: a dated top folder,
+    data/<table>.csv, README.md and export.sql, metadata.json with crates.io's timestamp
+    and crates_io_commit; the tarball lists the CSV files parents first; it verifies
+    (schema.sql with the private columns kept, then import.sql with column_defaults), and
+    export.sql run with psql on a replica gives the same files."""
+    config = tmp_path / "dump-db.toml"
+    config.write_text(CRATES_IO_FORMAT)  # crates.io's configuration format, as written
     out = tmp_path / "db-dump.tar.gz"
     metadata, _ = export(
         settings,
         out,
+        visibility=Visibility.load(config),
         layout="crates-io",
         import_mode="existing",
+        keep_private_columns=True,
         app_commit="0123abc",
-        column_defaults=COLUMN_DEFAULTS,
     )
+    assert metadata["schema"]["private_columns_kept"] == [
+        "public.users.gh_access_token",  # column_defaults
+        "public.users.is_admin",  # their own defaults
+        "public.crate_owners.deleted",
+    ]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", metadata["timestamp"])
     assert metadata["crates_io_commit"] == "0123abc"
     assert list(metadata)[:2] == ["timestamp", "crates_io_commit"]
