@@ -42,6 +42,7 @@ SCENARIOS = (
     *FIRST,
     "classify",
     "dump",
+    "dump_parallel",
     "pgbouncer",
     "pubsub",
     "routing",

@@ -7,24 +7,36 @@ files go to a staging directory next to the target, renamed (or packed) at the e
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from pgreplica.config import Settings
 from pgreplica.dump._util import APPLICATION_NAME, DumpError, _connect
-from pgreplica.dump.catalog import _build_plan
+from pgreplica.dump.catalog import _build_plan, _Plan
 from pgreplica.dump.output import _write_output, _write_tarball
 from pgreplica.dump.progress import DumpResult, _Reporter
-from pgreplica.dump.schema import _collect_schema, _OutputOptions
-from pgreplica.dump.source import _choose_source
+from pgreplica.dump.schema import _collect_schema, _OutputOptions, _Schema
+from pgreplica.dump.source import _choose_source, _Source
 from pgreplica.dump.visibility import Visibility
-from pgreplica.dump.workers import _copy_all
+from pgreplica.dump.workers import (
+    DEFAULT_SPLIT_ROWS,
+    RecoveryConflict,
+    _copy_all,
+    conflict_counts,
+    describe,
+    find_recovery_conflict,
+    lost_session,
+    new_conflicts,
+    recovery_advice,
+)
 from pgreplica.errors import ConfigError
 
 _SNAPSHOT_SQL = """
@@ -35,6 +47,8 @@ SELECT pg_is_in_recovery(), pg_export_snapshot(),
        current_setting('server_version'), current_setting('server_version_num')::int,
        clock_timestamp()
 """
+_RETRY_WAIT = 1.0
+"""Seconds before the second attempt after a recovery conflict, doubled for each next."""
 _LSN_SQL = """
 SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
              ELSE pg_current_wal_lsn() END)::text
@@ -63,6 +77,8 @@ def dump(
     stderr: TextIO | None = None,
     quiet: bool = False,
     tty: bool | None = None,
+    split_rows: int | None = DEFAULT_SPLIT_ROWS,
+    attempts: int = 3,
     fidelity: str = "full",
     keep_private_columns: bool = False,
     views: bool = False,
@@ -78,11 +94,20 @@ def dump(
     until the host is chosen and the catalog matches the visibility file; a failure
     later removes what was written.
 
+    A table of at least ``split_rows`` rows (the planner's estimate) with a primary key
+    is copied in key order, split in key ranges across the ``jobs`` workers (``None``:
+    never). When WAL replay on the replica cancels the export (a recovery conflict), it
+    starts again in a fresh snapshot, up to ``attempts`` snapshots in all.
+
     The other keyword arguments choose what ``schema.sql`` and ``import.sql`` hold, and the
     files' layout (see :mod:`pgreplica.dump.schema` and docs/dump.md, "Output").
     """
     if jobs < 1:
         raise ConfigError("--jobs", f"must be at least 1, got {jobs}")
+    if split_rows is not None and split_rows < 1:
+        raise ConfigError("split_rows", f"must be at least 1 (or None), got {split_rows}")
+    if attempts < 1:
+        raise ConfigError("attempts", f"must be at least 1, got {attempts}")
     options = _OutputOptions(
         fidelity=fidelity,
         keep_private_columns=keep_private_columns,
@@ -101,48 +126,66 @@ def dump(
     db_name = settings.database(database).name
 
     with contextlib.ExitStack() as stack:
-        leader = stack.enter_context(_connect(source.conninfo, APPLICATION_NAME, settings))
-        lsn_before = leader.execute(_LSN_SQL).fetchone()
-        leader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        row = leader.execute(_SNAPSHOT_SQL).fetchone()
-        assert row is not None and lsn_before is not None
-        in_recovery, snapshot, lsn, replay_ts, version, version_num, taken_at = row
-        if source.role == "replica" and not in_recovery:
-            raise DumpError(
-                f"{source.label} was chosen as a replica but is not in recovery (promoted?): "
-                "not dumping from a primary without --allow-primary"
-            )
-        plan = _build_plan(leader, visibility)
-        schema = _collect_schema(leader, plan, options)  # extensions, functions, defaults...
-        for message in plan.warnings:
-            report.warning(message)
-        if plan.unlisted:
-            report.warning(
-                f"tables not listed in {visibility.source}, not exported: "
-                + ", ".join(plan.unlisted)
-            )
+        staging: Path | None = None
 
-        staging = Path(tempfile.mkdtemp(prefix=".pgreplica-dump-", dir=parent))
-        stack.callback(shutil.rmtree, staging, True)
-        (staging / "data").mkdir()
-        report.start(plan.tables)
-        _copy_all(leader, source, settings, snapshot, plan, staging, jobs, report)
-        leader.execute("COMMIT")
+        def fresh_staging() -> Path:
+            """The staging directory with an empty ``data``: made on first use (once the
+            plan holds), emptied for another attempt."""
+            nonlocal staging
+            if staging is None:
+                staging = Path(tempfile.mkdtemp(prefix=".pgreplica-dump-", dir=parent))
+                stack.callback(shutil.rmtree, staging, True)
+            else:
+                shutil.rmtree(staging / "data")
+            (staging / "data").mkdir()
+            return staging
+
+        retries: list[str] = []
+        shown: set[str] = set()
+        for attempt in range(1, attempts + 1):
+            try:
+                export = _export_once(
+                    source,
+                    settings,
+                    visibility,
+                    jobs,
+                    split_rows,
+                    report,
+                    fresh_staging,
+                    shown,
+                    options,
+                )
+                break
+            except RecoveryConflict as conflict:
+                if attempt == attempts:
+                    raise recovery_advice(source, conflict.reason, attempts) from conflict
+                wait = _RETRY_WAIT * 2 ** (attempt - 1)
+                message = (
+                    f"{conflict} ({conflict.reason}): attempt {attempt} of {attempts} lost, "
+                    f"starting again in a fresh snapshot in {wait:g} s (what it wrote is "
+                    "discarded)"
+                )
+                retries.append(message)
+                report.retry(message, attempt=attempt + 1, attempts=attempts, wait=wait)
+                time.sleep(wait)
+        assert staging is not None
+        plan = export.plan
+        plan.warnings.extend(retries)  # in metadata.json: this export took a retry
 
         metadata = _write_output(
             staging,
             plan,
-            schema,
+            export.schema,
             visibility,
             source,
             db_name,
             jobs,
-            lsn=lsn,
-            lsn_before=lsn_before[0],
-            replay_ts=replay_ts,
-            version=version,
-            version_num=version_num,
-            taken_at=taken_at,
+            lsn=export.lsn,
+            lsn_before=export.lsn_before,
+            replay_ts=export.replay_ts,
+            version=export.version,
+            version_num=export.version_num,
+            taken_at=export.taken_at,
         )
         if tarball:
             _write_tarball(staging, target)
@@ -158,6 +201,86 @@ def dump(
         bytes=sum(t.bytes for t in plan.tables),
         seconds=time.monotonic() - started,
         metadata=metadata,
+        parts=export.parts,
+        attempts=attempt,
     )
     report.done(result)
     return result
+
+
+@dataclass
+class _Export:
+    """One attempt that went through: the plan with its row counts, and the snapshot."""
+
+    plan: _Plan
+    parts: dict[str, int]
+    lsn: str | None
+    lsn_before: str | None
+    replay_ts: dt.datetime | None
+    version: str
+    version_num: int
+    taken_at: dt.datetime
+    schema: _Schema
+
+
+def _export_once(
+    source: _Source,
+    settings: Settings,
+    visibility: Visibility,
+    jobs: int,
+    split_rows: int | None,
+    report: _Reporter,
+    fresh_staging: Callable[[], Path],
+    shown: set[str],
+    options: _OutputOptions,
+) -> _Export:
+    """One snapshot: take it, match the catalog, COPY every table into the staging
+    directory. A recovery conflict anywhere raises :class:`RecoveryConflict`."""
+    before: dict[str, int] | None = None
+    try:
+        # closing(), not the connection's own exit: after a failure the connection may be
+        # in the middle of a COPY, where a rollback cannot be sent (closing ends it).
+        with contextlib.closing(_connect(source.conninfo, APPLICATION_NAME, settings)) as leader:
+            if source.role == "replica":  # to tell a session lost to replay from others
+                before = conflict_counts(leader)
+            lsn_before = leader.execute(_LSN_SQL).fetchone()
+            leader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            row = leader.execute(_SNAPSHOT_SQL).fetchone()
+            assert row is not None and lsn_before is not None
+            in_recovery, snapshot, lsn, replay_ts, version, version_num, taken_at = row
+            if source.role == "replica" and not in_recovery:
+                raise DumpError(
+                    f"{source.label} was chosen as a replica but is not in recovery "
+                    "(promoted?): not dumping from a primary without --allow-primary"
+                )
+            plan = _build_plan(leader, visibility)
+            schema = _collect_schema(leader, plan, options)  # extensions, functions, defaults...
+            unlisted = (
+                f"tables not listed in {visibility.source}, not exported: "
+                + ", ".join(plan.unlisted)
+                if plan.unlisted
+                else None
+            )
+            for message in [*plan.warnings, *([unlisted] if unlisted else [])]:
+                if message not in shown:  # once, however many attempts
+                    shown.add(message)
+                    report.warning(message)
+            staging = fresh_staging()
+            report.start(plan.tables)
+            parts = _copy_all(
+                leader, source, settings, snapshot, plan, staging, jobs, report, split_rows, before
+            )
+    except RecoveryConflict:
+        raise
+    except Exception as exc:
+        conflict = find_recovery_conflict(exc)
+        if conflict is not None:
+            raise RecoveryConflict(source, describe(conflict)) from exc
+        if before is not None and lost_session(exc):
+            reason = new_conflicts(source, settings, before)
+            if reason is not None:
+                raise RecoveryConflict(source, reason) from exc
+        raise
+    return _Export(
+        plan, parts, lsn, lsn_before[0], replay_ts, version, version_num, taken_at, schema
+    )

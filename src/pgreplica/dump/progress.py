@@ -7,7 +7,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,7 +22,8 @@ class _Reporter:
         self.quiet = quiet
         self.tty = stream.isatty() if tty is None else tty
         self._lock = threading.Lock()
-        self._tables: dict[str, list[Any]] = {}  # name -> [rows, estimate, bytes, done, secs]
+        # name -> [rows, estimate, bytes, done, secs, key ranges (0: one plain COPY)]
+        self._tables: dict[str, list[Any]] = {}
         self._drawn = 0
         self._last_draw = 0.0
 
@@ -38,10 +39,22 @@ class _Reporter:
             else:
                 self._emit("warning", message=message)
 
+    def retry(self, message: str, *, attempt: int, attempts: int, wait: float) -> None:
+        """The export starts again (attempt ``attempt`` of ``attempts``) in ``wait``
+        seconds, for ``message``; shown even with ``quiet``, as warnings are."""
+        with self._lock:
+            if self.tty:
+                self.stream.write(f"pgreplica: warning: {message}\n")
+                self.stream.flush()
+                self._drawn = 0  # the next attempt's bars go below, not over, the message
+            else:
+                self._emit("retry", attempt=attempt, attempts=attempts, wait=wait, message=message)
+            self._tables.clear()
+
     def start(self, tables: Sequence[_Table]) -> None:
         with self._lock:
             for t in tables:
-                self._tables[t.qualified] = [0, t.estimate, 0, False, 0.0]
+                self._tables[t.qualified] = [0, t.estimate, 0, False, 0.0, 0]
             if self.tty and not self.quiet:
                 self._draw(force=True)
 
@@ -53,15 +66,18 @@ class _Reporter:
             state[0], state[2] = rows, nbytes
             self._draw()
 
-    def finish(self, table: _Table) -> None:
+    def finish(self, table: _Table, *, parts: int = 0) -> None:
+        """``table`` is copied; ``parts``: in that many primary key ranges (0: by one
+        plain ``COPY``)."""
         with self._lock:
             state = self._tables[table.qualified]
-            state[:] = [table.rows, table.estimate, table.bytes, True, table.seconds]
+            state[:] = [table.rows, table.estimate, table.bytes, True, table.seconds, parts]
             if self.quiet:
                 return
             if self.tty:
                 self._draw(force=True)
             else:
+                extra = {"parts": parts} if parts else {}
                 self._emit(
                     "table",
                     table=table.qualified,
@@ -69,6 +85,7 @@ class _Reporter:
                     bytes=table.bytes,
                     seconds=round(table.seconds, 3),
                     file=table.file,
+                    **extra,
                 )
 
     def done(self, result: DumpResult) -> None:
@@ -109,7 +126,7 @@ class _Reporter:
         else:
             lines = []
         width = max((len(n) for n, _ in items), default=0)
-        for name, (rows, estimate, nbytes, done, secs) in items:
+        for name, (rows, estimate, nbytes, done, secs, parts) in items:
             if done:
                 fraction: float | None = 1.0
             elif estimate:
@@ -123,6 +140,7 @@ class _Reporter:
                 else "[" + "?" * 20 + "]     "
             )
             tail = f" {secs:.1f}s" if done else ""
+            tail += f" ({parts} key ranges)" if done and parts > 1 else ""
             lines.append(f"  {name:<{width}} {bar} {rows:>12,} rows {nbytes / 1e6:8.1f} MB{tail}")
         out = self.stream
         if self._drawn:
@@ -144,3 +162,9 @@ class DumpResult:
     bytes: int
     seconds: float
     metadata: Mapping[str, Any]
+    parts: Mapping[str, int] = field(default_factory=dict)
+    """The tables copied in primary key order, and into how many key ranges each was
+    split (1 with one worker)."""
+    attempts: int = 1
+    """Snapshots it took: more than 1 when WAL replay on the replica cancelled an
+    attempt (a recovery conflict) and the export started again."""

@@ -1,0 +1,313 @@
+"""One big table exported by ``pgreplica dump`` with 1 and 4 workers, and by ``pg_dump``.
+
+    python -m bench.dump_parallel [--rows 1000000] [--repeats 5] [--shuffle]
+
+Starts a local primary with one streaming replica, fills ONE table of ``--rows`` rows
+(``events``: a bigint primary key, two more numbers, text with CSV quoting, a timestamp),
+waits until the replica has replayed it, then exports it from the replica with:
+
+* ``pgreplica dump`` split in primary key ranges (``split_rows`` below the table's size):
+  N = 1 copies the table in key order by one connection, N = 4 in 8 key ranges by 4;
+* ``pgreplica dump`` not split (``split_rows=None``, one plain ``COPY``, as before the
+  split existed), N = 1 and 4: what the split costs and buys;
+* ``pg_dump --data-only -Fd -j N -Z 0``, N = 1 and 4 (it copies one table with one
+  connection whatever N).
+
+Runs are interleaved (the order of the tools flips every repeat) after one warm-up run
+of each. Reported: median seconds, rows/s and the ratio to pg_dump's time with the same
+N. Every split run's CSV must have the same SHA-256 (1 or 4 workers, every repeat): the
+run fails otherwise. With ``--shuffle`` the rows are inserted in random key order, so
+that key order is not the physical order (the worst case for a copy in key order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from bench.results import Results
+from pgreplica.config import Settings
+from pgreplica.dump import Visibility, dump
+from pgreplica.localcluster import LocalCluster, find_bindir
+
+DATABASE = "bench_dump_parallel"
+SCHEMA = """
+CREATE TABLE events (
+    id bigint PRIMARY KEY,
+    account_id bigint NOT NULL,
+    kind int NOT NULL,
+    body text NOT NULL,
+    created_at timestamptz NOT NULL
+);
+"""
+FILL = """
+INSERT INTO events
+SELECT g, 1 + g % 50000, g % 7, 'event ' || md5(g::text) || ', "quoted"',
+       timestamptz '2020-01-01' + g * interval '1 second'
+FROM generate_series(1, {rows}) g {order}
+"""
+COLUMNS = ("id", "account_id", "kind", "body", "created_at")
+VISIBILITY = {"tables": {"events": {"columns": dict.fromkeys(COLUMNS, "public")}}}
+
+SPLIT = "pgreplica dump"
+WHOLE = "pgreplica dump, not split"
+PG_DUMP = "pg_dump -Fd"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the table")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per tool and N")
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1, 4], help="values of N")
+    parser.add_argument(
+        "--split-rows",
+        type=int,
+        default=100_000,
+        help="pgreplica's split threshold for the split runs (below --rows)",
+    )
+    parser.add_argument("--shuffle", action="store_true", help="insert in random key order")
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="pgreplica-bench-")
+    os.chmod(tmp, 0o755)  # the servers may run as another user
+    cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1)
+    try:
+        cluster.up()
+        run(cluster, args, Path(tmp))
+    finally:
+        cluster.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def size_of(directory: Path, suffix: str) -> int:
+    return sum(p.stat().st_size for p in directory.rglob(f"*{suffix}") if p.is_file())
+
+
+def run(cluster: LocalCluster, args: argparse.Namespace, tmp: Path) -> None:
+    results = Results("dump_parallel", "One big table: pgreplica dump split across workers")
+    cluster.execute(0, f"CREATE DATABASE {DATABASE}")
+    primary, replica = (cluster.dsn(i)[: -len("postgres")] + DATABASE for i in (0, 1))
+    fill_started = time.monotonic()
+    with psycopg.connect(primary, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        order = "ORDER BY random()" if args.shuffle else ""
+        conn.execute(FILL.format(rows=args.rows, order=order))
+        conn.execute("VACUUM ANALYZE events")
+        row = conn.execute(
+            "SELECT pg_relation_size('events'), reltuples::int8 FROM pg_class "
+            "WHERE oid = 'events'::regclass"
+        ).fetchone()
+        assert row is not None
+        table_bytes, estimate = row
+    cluster.wait_replayed()
+    print(
+        f"filled {args.rows} rows ({table_bytes / 1e6:.0f} MB on disk, "
+        f"{'shuffled' if args.shuffle else 'in key order'}) in "
+        f"{time.monotonic() - fill_started:.1f} s"
+    )
+    assert estimate >= args.split_rows, "the table must be above the split threshold"
+
+    settings = Settings.from_dict(
+        {"databases": {"main": {"primary": primary, "replicas": [replica]}}}, environ={}
+    )
+    visibility = Visibility.from_dict(VISIBILITY, source="bench")
+    params = conninfo_to_dict(replica)
+    pg_dump = os.path.join(find_bindir(), "pg_dump")
+    env = {**os.environ, "PGPASSWORD": str(params["password"])}
+    counter = iter(range(1_000_000))
+    digests: dict[str, set[str]] = {}
+    parts: dict[int, int] = {}
+
+    def pgreplica(split: bool) -> Callable[[int], tuple[float, int]]:
+        def run_dump(jobs: int) -> tuple[float, int]:
+            out = tmp / f"pgreplica-{next(counter)}"
+            split_rows = args.split_rows if split else None
+            started = time.perf_counter()
+            result = dump(
+                settings,
+                visibility,
+                out,
+                jobs=jobs,
+                split_rows=split_rows,
+                quiet=True,
+                stderr=io.StringIO(),
+            )
+            elapsed = time.perf_counter() - started
+            assert result.role == "replica" and result.tables["public.events"] == args.rows
+            csv = out / "data" / "public.events.csv"
+            if split:
+                parts[jobs] = result.parts["public.events"]
+                digests.setdefault("split", set()).add(sha256(csv))
+            size = size_of(out, ".csv")
+            shutil.rmtree(out)
+            return elapsed, size
+
+        return run_dump
+
+    def run_pg_dump(jobs: int) -> tuple[float, int]:
+        out = tmp / f"pg_dump-{next(counter)}"
+        command = [pg_dump, "--data-only", "-Fd", "-j", str(jobs), "-Z", "0", "-f", str(out)]
+        command += ["-h", str(params["host"]), "-p", str(params["port"])]
+        command += ["-U", str(params["user"]), "-d", DATABASE, "-t", "public.events"]
+        started = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
+        elapsed = time.perf_counter() - started
+        size = size_of(out, ".dat")
+        shutil.rmtree(out)
+        return elapsed, size
+
+    tools: dict[str, Callable[[int], tuple[float, int]]] = {
+        SPLIT: pgreplica(True),
+        WHOLE: pgreplica(False),
+    }
+    if os.access(pg_dump, os.X_OK):
+        tools[PG_DUMP] = run_pg_dump
+    else:
+        missing = f"{pg_dump} not found: pgreplica dump timed alone"
+        print(missing)
+        results.data["pg_dump_missing"] = missing
+    times: dict[tuple[str, int], list[float]] = {}
+    sizes: dict[tuple[str, int], int] = {}
+    for jobs in args.jobs:  # warm-up: caches, connections, first-run costs
+        for tool in tools.values():
+            tool(jobs)
+    for repeat in range(args.repeats):
+        for jobs in args.jobs:
+            order_ = list(tools.items())
+            if repeat % 2:
+                order_.reverse()
+            for name, tool in order_:
+                elapsed, size = tool(jobs)
+                times.setdefault((name, jobs), []).append(elapsed)
+                sizes[(name, jobs)] = size
+    identical = len(digests.get("split", set())) == 1
+
+    cpus = os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    layout = "shuffled key order" if args.shuffle else "key order = physical order"
+    print(
+        f"one table of {args.rows} rows ({layout}), one replica on 127.0.0.1, {cpus} CPUs "
+        f"(load average {load:.1f} at the end), {platform.python_implementation()} "
+        f"{platform.python_version()}; median of {args.repeats} interleaved runs"
+    )
+    print(
+        f"{'tool':26} {'N':>2} {'ranges':>6} {'median s':>9} {'rows/s':>11} {'MB/s':>7}"
+        f" {'vs pg_dump':>11} {'vs N=1':>7}"
+    )
+    rows = []
+    for jobs in args.jobs:
+        base = statistics.median(times.get((PG_DUMP, jobs)) or [float("nan")])
+        for name in tools:
+            seconds = statistics.median(times[(name, jobs)])
+            first = statistics.median(times[(name, args.jobs[0])])
+            megabytes = sizes[(name, jobs)] / 1e6
+            ranges = parts.get(jobs, "") if name == SPLIT else ""
+            print(
+                f"{name:26} {jobs:>2} {ranges!s:>6} {seconds:9.3f} {args.rows / seconds:11,.0f}"
+                f" {megabytes / seconds:7.1f} {seconds / base:10.2f}x {first / seconds:6.2f}x"
+            )
+            rows.append(
+                [
+                    name,
+                    jobs,
+                    ranges,
+                    round(seconds, 3),
+                    round(args.rows / seconds),
+                    round(megabytes / seconds, 1),
+                    round(seconds / base, 2),
+                    round(first / seconds, 2),
+                ]
+            )
+    print(f"split CSV identical across every run (1 and 4 workers): {identical}")
+    results.table(
+        "One big table: export throughput",
+        [
+            "tool",
+            "N (jobs)",
+            "key ranges",
+            "median s",
+            "rows/s",
+            "MB/s",
+            "time vs pg_dump",
+            "speed-up vs N=1",
+        ],
+        rows,
+        note=(
+            f"One table of {args.rows} rows ({layout}) read from one local replica on a "
+            f"{cpus}-CPU machine; median of {args.repeats} interleaved runs after a warm-up "
+            "run each. 'pgreplica dump' splits the table in primary key ranges (in key "
+            f"order; split_rows={args.split_rows}); 'not split' is one plain COPY. pg_dump "
+            "copies one table with one connection whatever -j."
+        ),
+    )
+    results.chart(
+        "rows",
+        "One big table: rows per second by jobs",
+        x=[str(j) for j in args.jobs],
+        series={name: [r[4] for r in rows if r[0] == name] for name in tools},
+        kind="bar",
+        xlabel="jobs (N)",
+        ylabel="rows per second",
+    )
+    by = {(r[0], r[1]): r for r in rows}
+    high = args.jobs[-1]
+    if (SPLIT, high) in by:
+        speedup = by[(SPLIT, high)][7]
+        results.target(
+            f"one big table split across {high} workers: faster than 1 worker",
+            f"{speedup}x the rows/s of N={args.jobs[0]} ({cpus} CPUs)",
+            speedup > 1.0,
+        )
+    results.target(
+        "the split table's CSV is byte-identical whatever the number of workers",
+        f"{len(digests.get('split', set()))} distinct SHA-256 over "
+        f"{(args.repeats + 1) * len(args.jobs)} split runs",
+        identical,
+    )
+    results.summary = (
+        f"Exporting one table of {args.rows} rows from a replica: "
+        + "; ".join(
+            f"{r[0]} with {r[1]} job(s) {r[3]} s, {r[4]:,} rows/s ({r[6]}x pg_dump's time)"
+            for r in rows
+        )
+        + f" (medians of {args.repeats} runs, {cpus} CPUs). The split table's CSV was "
+        + ("identical" if identical else "NOT identical")
+        + " in every run."
+    )
+    results.data |= {
+        "args": vars(args),
+        "table_bytes": table_bytes,
+        "load_average_end": load,
+        "times": {f"{name} -j {jobs}": t for (name, jobs), t in times.items()},
+        "sizes": {f"{name} -j {jobs}": b for (name, jobs), b in sizes.items()},
+        "key_ranges": parts,
+        "split_csv_sha256": sorted(digests.get("split", set())),
+    }
+    results.save()
+    if not identical:
+        raise SystemExit("the split table's CSV differed between runs")
+
+
+if __name__ == "__main__":
+    main()
