@@ -42,6 +42,7 @@ SCENARIOS = (
     *FIRST,
     "classify",
     "dump",
+    "dump_filters",
     "dump_parallel",
     "pgbouncer",
     "pubsub",

@@ -35,6 +35,7 @@ ORDER = (
     "sqlalchemy_session",
     "pgbouncer",
     "dump",
+    "dump_filters",
     "dump_parallel",
 )
 assert set(ORDER) == set(SCENARIOS), "bench.run.ORDER and bench.report.SCENARIOS differ"

@@ -1,8 +1,9 @@
 """The dump's plan: the visibility file matched with the live catalog.
 
 Reads tables, columns, keys, indexes and foreign keys from the catalog inside the dump's
-snapshot, refuses what cannot be exported safely, orders tables parents first and gives
-each child of a filtered parent its semi-join, and prepares the DDL of ``schema.sql``.
+snapshot, refuses what cannot be exported safely, orders tables parents first, checks
+each child of a filtered parent against the parent's exported keys, and prepares the DDL
+of ``schema.sql``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import psycopg
 
 from pgreplica.dump._util import DumpError, _first_line, quote_ident, quote_literal
 from pgreplica.dump.visibility import (
+    ON_FILTERED_PARENT,
     PUBLIC,
     TableRule,
     Visibility,
@@ -27,6 +29,7 @@ from pgreplica.dump.visibility import (
 _BUILTIN_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 _SAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _CATALOG_SEARCH_PATH = "SET LOCAL search_path = pg_catalog, pg_temp"
+NULL, DROP = ON_FILTERED_PARENT
 
 
 @dataclass
@@ -50,6 +53,16 @@ class _ForeignKey:
 
 
 @dataclass
+class _Check:
+    """A foreign key whose parent rows may be missing from the export (left out by a
+    filter, or orphans of a ``NOT VALID`` key): a row whose parent is not exported is
+    dropped (``"drop"``), or exported with the reference NULL (``"null"``)."""
+
+    fk: _ForeignKey
+    mode: str
+
+
+@dataclass
 class _Table:
     oid: int
     schema: str
@@ -60,8 +73,15 @@ class _Table:
     estimate: int | None
     file: str = ""
     condition: str = ""
-    """The effective row filter: the table's own filter and the semi-joins on parents."""
+    """The effective row filter, one boolean expression over the table's columns (recorded
+    as ``row_filter``): its own filter, and for each checked foreign key that drops,
+    ``fk IN (SELECT key FROM parent WHERE <parent's condition>)``. :meth:`select_sql`
+    runs the same checks as joins."""
     fks: list[_ForeignKey] = field(default_factory=list)
+    checks: list[_Check] = field(default_factory=list)
+    """The foreign keys checked against the parent's exported keys (set by the plan)."""
+    related: dict[int, _Table] = field(default_factory=dict, repr=False, compare=False)
+    """Every table of the plan by OID: the parents whose exported keys the checks read."""
     rows: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -82,8 +102,15 @@ class _Table:
         return ", ".join(quote_ident(c.name) for c in self.exported)
 
     def select_sql(self) -> str:
-        where = f" WHERE {self.condition}" if self.condition else ""
-        return f"SELECT {self.column_list()} FROM {self.sql_name} AS _pgr_0{where}"
+        """The export query: the public columns, the row filter, and each checked foreign
+        key ``LEFT JOIN``ed to the parent's exported keys, computed once per query."""
+        outputs = [c.name for c in self.exported]
+        expressions, tail = _relation(self.related, self, outputs, "_pgr_0", _Names())
+        columns = ", ".join(
+            quote_ident(name) if expression is None else f"{expression} AS {quote_ident(name)}"
+            for name, expression in zip(outputs, expressions, strict=True)
+        )
+        return f"SELECT {columns} FROM {self.sql_name} AS _pgr_0{tail}"
 
     def copy_sql(self) -> str:
         return f"COPY ({self.select_sql()}) TO STDOUT WITH (FORMAT csv, HEADER)"
@@ -287,7 +314,7 @@ def _build_plan(conn: psycopg.Connection[Any], visibility: Visibility) -> _Plan:
         )
     warnings += catalog_dependency_warnings(conn, {t.oid: t.rule for t in tables.values()})
 
-    ordered = _order_and_filter(tables)
+    ordered = _order_and_filter(tables, source)
 
     used_files: set[str] = set()
     for table in ordered:
@@ -337,32 +364,37 @@ def _build_plan(conn: psycopg.Connection[Any], visibility: Visibility) -> _Plan:
     return _Plan(ordered, foreign_keys, pre_data, post_data, unlisted, warnings)
 
 
-def _order_and_filter(tables: dict[int, _Table]) -> list[_Table]:
-    """Order tables parents first and give each its effective row filter.
+def _order_and_filter(tables: dict[int, _Table], source: str = "visibility") -> list[_Table]:
+    """Order tables parents first and decide which foreign keys each table checks.
 
-    A child row whose parent row is filtered out would break its foreign key on import,
-    so a child of a filtered parent only keeps rows whose parent row is exported::
-
-        (fk IS NULL OR EXISTS (SELECT 1 FROM parent AS _pgr_1
-                               WHERE _pgr_1.key = _pgr_0.fk AND <parent's condition>))
-
-    where the parent's condition holds its own filter and, transitively, its own
-    semi-joins. A foreign key that is ``NOT VALID`` on the source gets the semi-join
-    too (its rows may already be orphans). A cycle of foreign keys that needs any of this
-    cannot be expressed with finitely nested semi-joins: it is refused.
+    A child row whose parent row is not exported would break its foreign key on import.
+    So a foreign key is checked when its parent may lose rows (its own filter, or a
+    checked key of its own that drops) or may export a referenced column as NULL, and
+    when it is ``NOT VALID`` on the source (its rows may already be orphans). A checked
+    key compares the child's columns with the parent's exported keys, computed once per
+    query (see :func:`_relation`), and on a miss drops the row or exports the reference
+    as NULL: ``on_filtered_parent`` in the visibility file, by default NULL when every
+    column of the key is nullable and drop otherwise. A cycle of foreign keys that needs
+    any of this is refused: the exported keys of a cycle depend on themselves.
     """
+    modes = _fk_modes(tables, source)
     components = _strongly_connected(tables)
-    conditioned: set[int] = set()
+    drops: set[int] = set()
+    nulled: dict[int, set[str]] = {}
     for component in components:  # parents first
         members = set(component)
-        needs = any(
-            tables[oid].rule.filter is not None
-            or any(
-                not fk.validated or (fk.parent in conditioned and fk.parent not in members)
+        checks: dict[int, list[_Check]] = {}
+        for oid in component:
+            checks[oid] = [
+                _Check(fk, modes[(oid, fk.name)])
                 for fk in tables[oid].fks
-            )
-            for oid in component
-        )
+                if not fk.validated
+                or (
+                    fk.parent not in members
+                    and (fk.parent in drops or not nulled[fk.parent].isdisjoint(fk.parent_columns))
+                )
+            ]
+        needs = any(tables[oid].rule.filter is not None or checks[oid] for oid in component)
         cyclic = len(component) > 1 or any(
             fk.parent == component[0] for fk in tables[component[0]].fks
         )
@@ -370,13 +402,20 @@ def _order_and_filter(tables: dict[int, _Table]) -> list[_Table]:
             names = " -> ".join(sorted(tables[oid].qualified for oid in component))
             raise DumpError(
                 f"foreign keys form a cycle ({names}) through a filtered table: rows kept by "
-                "the filter could reference rows it drops, and semi-joins cannot follow a "
+                "the filter could reference rows it drops, and the checks cannot follow a "
                 "cycle; export the cycle without row filters, or leave it out"
             )
-        if needs:
-            conditioned.update(component)
+        for oid in component:
+            table = tables[oid]
+            table.checks = checks[oid]
+            table.related = tables
+            if table.rule.filter is not None or any(c.mode == DROP for c in table.checks):
+                drops.add(oid)
+            nulled[oid] = {
+                column for c in table.checks if c.mode == NULL for column in c.fk.child_columns
+            }
     for table in tables.values():
-        table.condition = _condition(tables, table, 0, conditioned)
+        table.condition = _condition(tables, table, 0)
     return [
         tables[oid]
         for component in components
@@ -384,31 +423,168 @@ def _order_and_filter(tables: dict[int, _Table]) -> list[_Table]:
     ]
 
 
-def _condition(tables: dict[int, _Table], table: _Table, depth: int, conditioned: set[int]) -> str:
-    alias = f"_pgr_{depth}"
-    parts: list[str] = []
-    if table.rule.filter is not None:
-        text = table.rule.filter
-        parts.append(f"(\n{text}\n)" if "--" in text else f"({text})")
-    for fk in table.fks:
-        if fk.parent not in conditioned and fk.validated:
+def _fk_modes(tables: dict[int, _Table], source: str) -> dict[tuple[int, str], str]:
+    """(child OID, constraint) -> ``"null"`` or ``"drop"`` for every foreign key: the
+    table's ``on_filtered_parent``, matched by constraint name or by the column of a
+    one-column key, or the default (NULL when every column of the key is nullable)."""
+    modes: dict[tuple[int, str], str] = {}
+    for table in tables.values():
+        nullable = {c.name for c in table.columns if not c.not_null}
+        chosen: dict[str, str] = {}
+        for key, mode in table.rule.on_filtered_parent.items():
+            setting = f"{source}: {table.rule.setting}.on_filtered_parent.{key}"
+            matches = [fk for fk in table.fks if fk.name == key] or [
+                fk for fk in table.fks if fk.child_columns == (key,)
+            ]
+            if not matches:
+                names = [fk.name for fk in table.fks]
+                single = [fk.child_columns[0] for fk in table.fks if len(fk.child_columns) == 1]
+                raise VisibilityError(
+                    setting,
+                    f"{table.qualified} has no foreign key {key} to an exported table (name "
+                    "the constraint, or the column of a one-column key)"
+                    + did_you_mean(key, names, single),
+                )
+            if len(matches) > 1:
+                raise VisibilityError(
+                    setting,
+                    f"column {key} is in several foreign keys ("
+                    + ", ".join(fk.name for fk in matches)
+                    + "): name the constraint instead",
+                )
+            fk = matches[0]
+            if mode == NULL and not nullable.issuperset(fk.child_columns):
+                strict = ", ".join(c for c in fk.child_columns if c not in nullable)
+                raise VisibilityError(
+                    setting,
+                    f'"null" needs nullable columns, and {strict} of foreign key {fk.name} '
+                    'is NOT NULL: such a row can only be dropped ("drop")',
+                )
+            if chosen.setdefault(fk.name, mode) != mode:
+                raise VisibilityError(setting, f"foreign key {fk.name} is given two settings")
+        for fk in table.fks:
+            default = NULL if nullable.issuperset(fk.child_columns) else DROP
+            modes[(table.oid, fk.name)] = chosen.get(fk.name, default)
+    return modes
+
+
+def _own_filter(text: str) -> str:
+    return f"(\n{text}\n)" if "--" in text else f"({text})"
+
+
+def _reference_ok(table: _Table, check: _Check, alias: str, present: str) -> str:
+    """The row's reference holds in the export: ``present`` (its parent key is exported),
+    or a column of the key is NULL (``MATCH SIMPLE``: the constraint does not apply)."""
+    columns = check.fk.child_columns
+    if check.mode == NULL and len(columns) == 1:
+        return present  # NULL stays NULL either way
+    not_null = {c.name for c in table.columns if c.not_null}
+    parts = [f"{alias}.{quote_ident(c)} IS NULL" for c in columns if c not in not_null]
+    return f"({' OR '.join([*parts, present])})" if parts else present
+
+
+class _Names:
+    """Numbers for the aliases of one query, so that every join and table is distinct."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self) -> int:
+        self.count += 1
+        return self.count
+
+
+def _relation(
+    tables: dict[int, _Table], table: _Table, outputs: list[str], alias: str, names: _Names
+) -> tuple[list[str | None], str]:
+    """What the export holds of ``table`` read as ``alias``: an expression for each of
+    ``outputs`` (``None`` for the column as it is, or a ``CASE`` that exports it as NULL
+    when its parent is not exported), and the ``FROM`` tail (joins, ``WHERE``).
+
+    Each checked foreign key is a ``LEFT JOIN`` to the parent's exported keys::
+
+        LEFT JOIN (SELECT key FROM parent AS _pgr_1 ... WHERE <parent's filter>)
+             AS _pgr_k1 (_pgr_k1_1) ON _pgr_k1._pgr_k1_1 = _pgr_0.fk
+
+    an uncorrelated subquery that PostgreSQL runs once and hash-joins, whatever its size
+    (a correlated ``EXISTS`` re-ran the parent's filter for every child row, and a hashed
+    ``IN`` subplan falls back to a scan per row when the keys exceed ``work_mem``). The
+    parent's keys are unique, so the join never repeats a row. A key that drops makes
+    ``_pgr_k1._pgr_k1_1 IS NOT NULL`` part of the ``WHERE``; one that nulls wraps its
+    columns in ``CASE WHEN ... THEN fk END`` (and is left out when none is selected).
+    """
+    where = [] if table.rule.filter is None else [_own_filter(table.rule.filter)]
+    joins: list[str] = []
+    kept_when: dict[str, list[str]] = {}
+    for check in table.checks:
+        fk = check.fk
+        if check.mode == NULL and set(fk.child_columns).isdisjoint(outputs):
             continue
+        n = names.next()
+        keys = [f"_pgr_k{n}_{i}" for i in range(1, len(fk.parent_columns) + 1)]
         parent = tables[fk.parent]
-        inner = f"_pgr_{depth + 1}"
-        match = [
-            f"{inner}.{quote_ident(p)} = {alias}.{quote_ident(c)}"
-            for c, p in zip(fk.child_columns, fk.parent_columns, strict=True)
-        ]
-        nested = _condition(tables, parent, depth + 1, conditioned)
-        if nested:
-            match.append(nested)
-        exists = f"EXISTS (SELECT 1 FROM {parent.sql_name} AS {inner} WHERE {' AND '.join(match)})"
-        by_name = {c.name: c for c in table.columns}
-        nullable = [
-            f"{alias}.{quote_ident(c)} IS NULL" for c in fk.child_columns if not by_name[c].not_null
-        ]
-        parts.append(f"({' OR '.join([*nullable, exists])})" if nullable else exists)
+        expressions, tail = _relation(tables, parent, list(fk.parent_columns), f"_pgr_{n}", names)
+        selected = ", ".join(
+            f"_pgr_{n}.{quote_ident(c)}" if e is None else e
+            for c, e in zip(fk.parent_columns, expressions, strict=True)
+        )
+        on = " AND ".join(
+            f"_pgr_k{n}.{k} = {alias}.{quote_ident(c)}"
+            for k, c in zip(keys, fk.child_columns, strict=True)
+        )
+        joins.append(
+            f" LEFT JOIN (SELECT {selected} FROM {parent.sql_name} AS _pgr_{n}{tail})"
+            f" AS _pgr_k{n} ({', '.join(keys)}) ON {on}"
+        )
+        ok = _reference_ok(table, check, alias, f"_pgr_k{n}.{keys[0]} IS NOT NULL")
+        if check.mode == DROP:
+            where.append(ok)
+        else:
+            for column in fk.child_columns:
+                kept_when.setdefault(column, []).append(ok)
+    expressions_out: list[str | None] = [
+        f"CASE WHEN {' AND '.join(kept_when[c])} THEN {alias}.{quote_ident(c)} END"
+        if c in kept_when
+        else None
+        for c in outputs
+    ]
+    tail = "".join(joins) + (f" WHERE {' AND '.join(where)}" if where else "")
+    return expressions_out, tail
+
+
+def _condition(tables: dict[int, _Table], table: _Table, depth: int) -> str:
+    """The rows of ``table`` (read as ``_pgr_<depth>``) that the export holds, as one
+    boolean expression with uncorrelated ``IN`` subqueries: the same rows as
+    :func:`_relation`'s joins, written to be read (``row_filter`` in metadata.json)."""
+    alias = f"_pgr_{depth}"
+    parts = [] if table.rule.filter is None else [_own_filter(table.rule.filter)]
+    for check in table.checks:
+        if check.mode == DROP:
+            parts.append(_reference_ok(table, check, alias, _in_kept(tables, check, alias, depth)))
     return " AND ".join(parts)
+
+
+def _in_kept(tables: dict[int, _Table], check: _Check, alias: str, depth: int) -> str:
+    """``fk IN (SELECT key FROM parent WHERE <parent's condition>)``, the key as exported."""
+    fk = check.fk
+    parent = tables[fk.parent]
+    inner = f"_pgr_{depth + 1}"
+    selected: list[str] = []
+    for column in fk.parent_columns:
+        kept_when = [
+            _reference_ok(parent, c, inner, _in_kept(tables, c, inner, depth + 1))
+            for c in parent.checks
+            if c.mode == NULL and column in c.fk.child_columns
+        ]
+        value = f"{inner}.{quote_ident(column)}"
+        selected.append(
+            f"CASE WHEN {' AND '.join(kept_when)} THEN {value} END" if kept_when else value
+        )
+    nested = _condition(tables, parent, depth + 1)
+    where = f" WHERE {nested}" if nested else ""
+    columns = [f"{alias}.{quote_ident(c)}" for c in fk.child_columns]
+    left = columns[0] if len(columns) == 1 else f"({', '.join(columns)})"
+    return f"{left} IN (SELECT {', '.join(selected)} FROM {parent.sql_name} AS {inner}{where})"
 
 
 def _strongly_connected(tables: dict[int, _Table]) -> list[list[int]]:
@@ -451,7 +627,7 @@ def _strongly_connected(tables: dict[int, _Table]) -> list[list[int]]:
 def _check_filters(conn: psycopg.Connection[Any], tables: list[_Table], vis: Visibility) -> None:
     """Plan every table's query (EXPLAIN reads no row): a bad filter fails now, by name."""
     for table in tables:
-        if not table.condition:
+        if not table.condition and not table.checks:
             continue
         try:
             conn.execute(f"EXPLAIN {table.select_sql()}")

@@ -60,7 +60,9 @@ CRATES_IO = "crates-io"
 FORMATS = (AUTO, CRATES_IO, PGREPLICA)
 """The values of ``--visibility-format``: ``auto`` tells the two formats apart."""
 
-_TABLE_KEYS = ("columns", "filter", "dependencies", "column_defaults")
+_TABLE_KEYS = ("columns", "filter", "dependencies", "column_defaults", "on_filtered_parent")
+ON_FILTERED_PARENT = ("null", "drop")
+"""The values of ``on_filtered_parent``: export the reference as NULL, or drop the row."""
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -105,6 +107,10 @@ class TableRule:
     ``NOT NULL`` columns that an import keeps), crates.io's ``column_defaults``."""
     format: str = PGREPLICA
     """The visibility file's format, for naming settings the way the file writes them."""
+    on_filtered_parent: Mapping[str, str] = field(default_factory=dict)
+    """Foreign key (its constraint name, or the column of a one-column key) -> ``"null"``
+    or ``"drop"``: what the export does with a row whose parent row it leaves out.
+    Matched with the catalog's foreign keys by :mod:`pgreplica.dump.catalog`."""
 
     @property
     def qualified(self) -> str:
@@ -377,8 +383,21 @@ def _table_rule(schema: str, name: str, entry: object, fmt: str, where: str) -> 
                 setting, "the column is public: only private columns take a default on import"
             )
         _check_expression(expression, setting)
+    modes = entry.get("on_filtered_parent", {})
+    if not isinstance(modes, Mapping) or any(m not in ON_FILTERED_PARENT for m in modes.values()):
+        raise fail(
+            ".on_filtered_parent",
+            'expected a table such as { created_by = "drop" } (values "null" or "drop")',
+        )
     return TableRule(
-        schema, name, dict(columns), row_filter, dependencies, dict(defaults), format=fmt
+        schema,
+        name,
+        dict(columns),
+        row_filter,
+        dependencies,
+        dict(defaults),
+        format=fmt,
+        on_filtered_parent=dict(modes),
     )
 
 
