@@ -34,13 +34,15 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 DB = "pgreplica_dump_parallel_test"
-BIG, MULTI, HEAP, SLOW = 200_000, 60_000, 30_000, 150
+BIG, MULTI, HEAP, ORPHANS, SLOW = 200_000, 60_000, 30_000, 30_000, 150
 SPLIT_ROWS = 20_000
 
 # par_big is filled in random order, so that its key order is not its physical order;
-# its note has the CSV's special characters. par_multi has a composite key whose leading
-# column is text with quotes and backslashes, and few distinct values. par_heap has no
-# primary key. par_slow takes about 1.5 s to read (pg_sleep per row, in its filter).
+# its note has the CSV's special characters; its query joins its filtered parent's keys,
+# so it is split by key. par_multi (a composite key whose leading column is text with
+# quotes and backslashes, in random order) and par_heap (no primary key) are read by a
+# plain scan, so they are split by blocks. par_orphans has no primary key and a filtered
+# parent: it cannot be split. par_slow takes about 1.5 s to read (pg_sleep in its filter).
 SCHEMA = f"""
 CREATE TABLE par_parent (id int PRIMARY KEY, hidden boolean NOT NULL);
 CREATE TABLE par_big (
@@ -51,6 +53,7 @@ CREATE TABLE par_big (
 );
 CREATE TABLE par_multi (a text, b int, v text NOT NULL, PRIMARY KEY (a, b));
 CREATE TABLE par_heap (n int NOT NULL, v text NOT NULL);
+CREATE TABLE par_orphans (parent_id int NOT NULL REFERENCES par_parent, v text NOT NULL);
 CREATE TABLE par_slow (id int PRIMARY KEY, v text NOT NULL);
 
 INSERT INTO par_parent SELECT g, g % 10 = 0 FROM generate_series(1, 100) g;
@@ -63,6 +66,7 @@ INSERT INTO par_multi
 SELECT 'k''' || (g % 40) || E'\\\\', g, md5(g::text) FROM generate_series(1, {MULTI}) g
 ORDER BY random();
 INSERT INTO par_heap SELECT g, 'heap ' || g FROM generate_series(1, {HEAP}) g;
+INSERT INTO par_orphans SELECT 1 + g % 100, 'orphan ' || g FROM generate_series(1, {ORPHANS}) g;
 INSERT INTO par_slow SELECT g, 'slow ' || g FROM generate_series(1, {SLOW}) g;
 ANALYZE;
 """
@@ -78,11 +82,12 @@ BIG_RULE = (
 )
 MULTI_RULE = '[tables.par_multi]\ncolumns = { a = "public", b = "public", v = "public" }\n'
 HEAP_RULE = '[tables.par_heap]\ncolumns = { n = "public", v = "public" }\n'
+ORPHANS_RULE = '[tables.par_orphans]\ncolumns = { parent_id = "public", v = "public" }\n'
 SLOW_RULE = (
     '[tables.par_slow]\ncolumns = { id = "public", v = "public" }\n'
     "filter = \"pg_sleep(0.01)::text = ''\"\n"
 )
-SPLIT_VISIBILITY = PARENT + BIG_RULE + MULTI_RULE + HEAP_RULE
+SPLIT_VISIBILITY = PARENT + BIG_RULE + MULTI_RULE + HEAP_RULE + ORPHANS_RULE
 CONFLICT_VISIBILITY = PARENT + BIG_RULE.replace("pg_sleep(0.2)", "pg_sleep(0)") + SLOW_RULE
 
 
@@ -172,14 +177,29 @@ class RangeSampler(threading.Thread):
 # ---------------------------------------------------------------------- big tables
 
 
-def test_a_big_table_split_across_4_workers_is_byte_identical_to_1_worker(
+def plain_copy(cluster: LocalCluster, table: str, columns: str) -> bytes:
+    """One plain COPY of ``table`` on replica 1: its rows in block order."""
+    out = io.BytesIO()
+    with psycopg.connect(db_dsn(cluster, 1), autocommit=True) as conn:
+        conn.execute("SET synchronize_seqscans = off")
+        conn.execute("SET max_parallel_workers_per_gather = 0")
+        sql = f"COPY (SELECT {columns} FROM {table}) TO STDOUT WITH (FORMAT csv, HEADER)"
+        with conn.cursor().copy(sql) as copy:
+            for chunk in copy:
+                out.write(chunk)
+    return out.getvalue()
+
+
+def test_big_tables_split_across_4_workers_are_byte_identical_to_1_worker(
     pardb: LocalCluster, settings: Settings, tmp_path: Path
 ) -> None:
-    """par_big (200,000 rows, random physical order, a filter and a semi-join on its
-    filtered parent) and par_multi (composite text key) are split in key ranges across 4
-    workers: every CSV is byte for byte the one a single worker writes, in key order,
-    with one header; several sessions copied ranges of par_big; par_heap (no
-    primary key) is copied whole, with a warning; the dump verifies."""
+    """With split_rows at 20,000 and 4 workers: par_big (200,000 rows in random physical
+    order, a filter, and a check of its filtered parent's keys) is split in 8 primary key
+    ranges, copied by several sessions, in key order; par_multi (composite text key)
+    and par_heap (no primary key) are read by a plain scan, so they are split in block
+    ranges, in the order of one plain COPY; par_orphans (no primary key, a filtered
+    parent) is copied whole, with a warning. Every CSV is byte for byte what one worker
+    writes, with one header, and the dump verifies."""
     vis = visibility(SPLIT_VISIBILITY)
     one_err = io.StringIO()
     one = dump(settings, vis, tmp_path / "one", jobs=1, split_rows=SPLIT_ROWS, stderr=one_err)
@@ -195,21 +215,26 @@ def test_a_big_table_split_across_4_workers_is_byte_identical_to_1_worker(
         sampler.join()
     assert sampler.error is None
 
-    # Split: in 8 ranges (2 per worker) with 4 workers, in one with 1; never par_heap.
-    assert one.parts == {"public.par_big": 1, "public.par_multi": 1}
-    assert four.parts["public.par_big"] == 8
-    assert 1 < four.parts["public.par_multi"] <= 8  # 40 distinct leading values
-    assert set(four.parts) == {"public.par_big", "public.par_multi"}
-    # Each range sleeps 0.2 s or more (its filter): all 4 sessions get some.
+    # Split: 2 ranges a worker, none under 10,000 rows; one range with 1 worker.
+    assert one.parts == {"public.par_big": 1, "public.par_multi": 1, "public.par_heap": 1}
+    assert four.parts == {"public.par_big": 8, "public.par_multi": 6, "public.par_heap": 3}
+    # Each range of par_big sleeps 0.2 s or more (its filter): the sessions share them.
     assert len(sampler.sessions) >= 3, sampler.sessions
     table_events = {e["table"]: e for e in events(four_err) if e["event"] == "table"}
-    assert table_events["public.par_big"]["parts"] == 8
-    assert "parts" not in table_events["public.par_heap"]
+    splits = {n: (e.get("parts"), e.get("split")) for n, e in table_events.items()}
+    assert splits == {
+        "public.par_big": (8, "key"),
+        "public.par_multi": (6, "block"),
+        "public.par_heap": (3, "block"),
+        "public.par_orphans": (None, None),
+        "public.par_parent": (None, None),
+    }
     warnings = [e["message"] for e in events(four_err) if e["event"] == "warning"]
     assert any(
-        "public.par_heap" in w and "no primary key" in w and "one connection" in w for w in warnings
+        "public.par_orphans" in w and "no primary key" in w and "one connection" in w
+        for w in warnings
     ), warnings
-    assert not any("par_heap" in e.get("message", "") for e in events(one_err))
+    assert not any("par_orphans" in e.get("message", "") for e in events(one_err))
 
     # The same bytes, no leftover range files.
     assert one.tables == four.tables
@@ -221,6 +246,7 @@ def test_a_big_table_split_across_4_workers_is_byte_identical_to_1_worker(
             "public.par_big.csv",
             "public.par_heap.csv",
             "public.par_multi.csv",
+            "public.par_orphans.csv",
             "public.par_parent.csv",
         ]
     )
@@ -231,7 +257,7 @@ def test_a_big_table_split_across_4_workers_is_byte_identical_to_1_worker(
         name: len(files_four[f"{name}.csv"]) for name in four.tables
     }
 
-    # In key order, one header, every row the filters keep.
+    # Key order for par_big, one header, every row the filters keep.
     with (four.out / "data" / "public.par_big.csv").open(newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["id", "parent_id", "note", "at"]
@@ -242,15 +268,11 @@ def test_a_big_table_split_across_4_workers_is_byte_identical_to_1_worker(
         "SELECT count(*) FROM par_big b JOIN par_parent p ON p.id = b.parent_id WHERE NOT p.hidden",
     )
     assert four.tables["public.par_big"] == len(ids) == expected
-    with (four.out / "data" / "public.par_multi.csv").open(newline="", encoding="utf-8") as fh:
-        multi = list(csv.reader(fh))
-    assert multi[0] == ["a", "b", "v"] and len(multi) == MULTI + 1
-    assert "k'7\\" in {r[0] for r in multi[1:]}
-    with psycopg.connect(db_dsn(pardb, 1), autocommit=True) as conn:
-        in_key_order = conn.execute(
-            "SELECT a, b::text FROM par_multi AS m ORDER BY m.a, m.b"
-        ).fetchall()
-    assert [(r[0], r[1]) for r in multi[1:]] == in_key_order
+    # Block order for the others: what one plain COPY gives.
+    assert files_four["public.par_multi.csv"] == plain_copy(pardb, "par_multi", "a, b, v")
+    assert "k'7\\" in files_four["public.par_multi.csv"].decode()
+    assert files_four["public.par_heap.csv"] == plain_copy(pardb, "par_heap", "n, v")
+    assert four.tables["public.par_heap"] == HEAP
 
     verified = verify(four.out, settings, out=io.StringIO())
     assert verified.tables == dict(four.tables)

@@ -94,10 +94,10 @@ def dump(
     until the host is chosen and the catalog matches the visibility file; a failure
     later removes what was written.
 
-    A table of at least ``split_rows`` rows (the planner's estimate) with a primary key
-    is copied in key order, split in key ranges across the ``jobs`` workers (``None``:
-    never). When WAL replay on the replica cancels the export (a recovery conflict), it
-    starts again in a fresh snapshot, up to ``attempts`` snapshots in all.
+    A table of at least ``split_rows`` rows (the planner's estimate) is split in ranges
+    (of blocks, or of its primary key) across the ``jobs`` workers (``None``: never), with
+    the same CSV whatever ``jobs``. When WAL replay on the replica cancels the export (a
+    recovery conflict), it starts again in a fresh snapshot, up to ``attempts`` in all.
 
     The other keyword arguments choose what ``schema.sql`` and ``import.sql`` hold, and the
     files' layout (see :mod:`pgreplica.dump.schema` and docs/dump.md, "Output").

@@ -22,7 +22,7 @@ class _Reporter:
         self.quiet = quiet
         self.tty = stream.isatty() if tty is None else tty
         self._lock = threading.Lock()
-        # name -> [rows, estimate, bytes, done, secs, key ranges (0: one plain COPY)]
+        # name -> [rows, estimate, bytes, done, secs, "8 key ranges" or ""]
         self._tables: dict[str, list[Any]] = {}
         self._drawn = 0
         self._last_draw = 0.0
@@ -54,7 +54,7 @@ class _Reporter:
     def start(self, tables: Sequence[_Table]) -> None:
         with self._lock:
             for t in tables:
-                self._tables[t.qualified] = [0, t.estimate, 0, False, 0.0, 0]
+                self._tables[t.qualified] = [0, t.estimate, 0, False, 0.0, ""]
             if self.tty and not self.quiet:
                 self._draw(force=True)
 
@@ -66,18 +66,25 @@ class _Reporter:
             state[0], state[2] = rows, nbytes
             self._draw()
 
-    def finish(self, table: _Table, *, parts: int = 0) -> None:
-        """``table`` is copied; ``parts``: in that many primary key ranges (0: by one
-        plain ``COPY``)."""
+    def finish(self, table: _Table, *, parts: int = 0, split: str = "") -> None:
+        """``table`` is copied; ``parts``: in that many ranges of ``split`` (``"block"``
+        or ``"key"``; 0: by one plain ``COPY``)."""
         with self._lock:
             state = self._tables[table.qualified]
-            state[:] = [table.rows, table.estimate, table.bytes, True, table.seconds, parts]
+            state[:] = [
+                table.rows,
+                table.estimate,
+                table.bytes,
+                True,
+                table.seconds,
+                f"{parts} {split} ranges" if parts > 1 else "",
+            ]
             if self.quiet:
                 return
             if self.tty:
                 self._draw(force=True)
             else:
-                extra = {"parts": parts} if parts else {}
+                extra = {"parts": parts, "split": split} if parts else {}
                 self._emit(
                     "table",
                     table=table.qualified,
@@ -140,7 +147,7 @@ class _Reporter:
                 else "[" + "?" * 20 + "]     "
             )
             tail = f" {secs:.1f}s" if done else ""
-            tail += f" ({parts} key ranges)" if done and parts > 1 else ""
+            tail += f" ({parts})" if done and parts else ""
             lines.append(f"  {name:<{width}} {bar} {rows:>12,} rows {nbytes / 1e6:8.1f} MB{tail}")
         out = self.stream
         if self._drawn:
@@ -163,8 +170,8 @@ class DumpResult:
     seconds: float
     metadata: Mapping[str, Any]
     parts: Mapping[str, int] = field(default_factory=dict)
-    """The tables copied in primary key order, and into how many key ranges each was
-    split (1 with one worker)."""
+    """The tables big enough to be split, and into how many ranges each was split (1 with
+    one worker): ranges of blocks or of the primary key."""
     attempts: int = 1
     """Snapshots it took: more than 1 when WAL replay on the replica cancelled an
     attempt (a recovery conflict) and the export started again."""

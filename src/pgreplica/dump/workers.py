@@ -1,16 +1,17 @@
 """COPY every table out of one snapshot, with ``--jobs`` workers on their own connections.
 
 A table is copied by one ``COPY`` into its CSV file, except a big one (an estimated
-``split_rows`` rows or more) with a primary key: that one is copied in primary key order,
-and with several workers in ranges of its leading key column that different workers copy
-at the same time. The ranges' files are joined in key order into the table's one CSV,
-which is byte for byte what a single worker writes (one ``COPY ... ORDER BY`` key).
+``split_rows`` rows or more), which is cut into ranges that different workers copy at
+the same time: ranges of its blocks when its query is a plain scan of the table, else
+ranges of its primary key, copied in key order. The ranges' files are joined in order
+into the table's one CSV, byte for byte what a single worker writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import queue
 import selectors
@@ -41,8 +42,8 @@ from pgreplica.dump.source import _Source
 _PROGRESS_EVERY_ROWS = 4096
 
 DEFAULT_SPLIT_ROWS = 1_000_000
-"""Tables with at least this many rows (``pg_class.reltuples``) are copied in primary key
-order, split in key ranges across the workers."""
+"""Tables with at least this many rows (``pg_class.reltuples``) are split in ranges
+across the workers."""
 _PARTS_PER_JOB = 2
 """Ranges per worker for a split table: more than one, so that a range bigger than the
 others (the sample is a sample) does not leave the other workers idle at the end."""
@@ -182,16 +183,17 @@ def recovery_advice(source: _Source, reason: str, attempts: int = 1) -> DumpErro
 
 @dataclass
 class _Split:
-    """A big table copied in primary key order, in ``len(bounds) + 1`` key ranges."""
+    """How a big table is copied: one ``COPY`` per range, in the order of the ranges."""
 
-    key: tuple[str, ...]
-    bounds: list[str]
-    """Ascending values of the leading key column (as text) where a range starts."""
+    by: str
+    """``"block"``: ranges of the table's blocks, in physical order (the order of one plain
+    ``COPY`` of the table); ``"key"``: ranges of the primary key, in key order."""
+    statements: list[str]
 
 
 @dataclass
 class _Piece:
-    """One ``COPY`` of the work queue: a whole table, or one key range of a split table."""
+    """One ``COPY`` of the work queue: a whole table, or one range of a split table."""
 
     table: _Table
     statement: str
@@ -207,6 +209,8 @@ class _Assembly:
 
     table: _Table
     paths: list[Path]
+    by: str
+    """How the table was split: ``"block"`` or ``"key"`` (see :class:`_Split`)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     rows: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
@@ -235,7 +239,7 @@ class _Assembly:
             return self.done == len(self.paths)
 
     def join(self) -> None:
-        """Append the ranges' files, in key order, to the first one (the table's file)."""
+        """Append the ranges' files, in order, to the first one (the table's file)."""
         with self.paths[0].open("r+b", buffering=0) as out:
             out.seek(0, os.SEEK_END)
             for path in self.paths[1:]:
@@ -264,6 +268,18 @@ def _literal(text: str) -> str:
     return quote_literal(text)
 
 
+_SESSION_ORDER = (
+    # A sequential scan returns the table's rows in block order, unless it joins another
+    # session's scan of the same table half way through (synchronized scans), or the
+    # planner gives it parallel workers: both would change the order from one dump to
+    # the next. The dump brings its own parallelism (--jobs).
+    "SET synchronize_seqscans = off",
+    "SET max_parallel_workers_per_gather = 0",
+)
+_ALIAS = "_pgr_0"
+"""The table's alias in its export query (catalog.py's ``select_sql``)."""
+
+
 def _plan_splits(
     conn: psycopg.Connection[Any],
     tables: Sequence[_Table],
@@ -271,11 +287,18 @@ def _plan_splits(
     split_rows: int | None,
     report: _Reporter,
 ) -> dict[int, _Split]:
-    """Which tables to copy in primary key order, and in which key ranges.
+    """Which tables to copy in ranges, how, and in which ranges.
 
-    Decided by the planner's row estimate alone, never by ``jobs``, so that a table's file
-    is the same whatever the number of workers. The ranges come from a sample of the
-    leading key column, taken inside the export's snapshot (nothing is created).
+    A table of ``split_rows`` rows or more (the planner's estimate) whose export query is
+    a plain sequential scan of the table is split in **block** ranges (``ctid``, a TID
+    range scan each, PostgreSQL 14 or later): their rows in block order are the rows of
+    one plain ``COPY``, so one worker copies it as before. Otherwise (a join to a
+    filtered parent's keys, a partitioned table, an index scan), a table with a primary
+    key is split in ranges of the key's leading column and copied in **key** order,
+    with one worker too; one without a primary key is copied whole.
+
+    The choice depends on the table and its plan, never on ``jobs``, so that the file
+    is the same whatever the number of workers; ``jobs`` only sets how many ranges.
     """
     if split_rows is None:
         return {}
@@ -286,22 +309,81 @@ def _plan_splits(
         oid: tuple(columns)
         for oid, columns in conn.execute(_PRIMARY_KEYS_SQL, ([t.oid for t in big],)).fetchall()
     }
+    version = conn.info.server_version
     splits: dict[int, _Split] = {}
     for table in big:
-        key = keys.get(table.oid)
-        if not key:
-            if jobs > 1:
-                report.warning(
-                    f"{table.qualified}: about {table.estimate:,} rows, but no primary key "
-                    "to split it by: copied by one connection"
-                )
+        assert table.estimate is not None
+        parts = 1 if jobs == 1 else min(_PARTS_PER_JOB * jobs, table.estimate // _MIN_PART_ROWS)
+        parts = max(parts, 1)
+        statements = _block_statements(conn, table, parts) if version >= 140000 else None
+        if statements is not None:
+            splits[table.oid] = _Split("block", statements)
             continue
-        parts = 1
-        if jobs > 1:
-            assert table.estimate is not None
-            parts = min(_PARTS_PER_JOB * jobs, max(1, table.estimate // _MIN_PART_ROWS))
-        splits[table.oid] = _Split(key, _sample_bounds(conn, table, key[0], parts))
+        key = keys.get(table.oid)
+        if key:
+            bounds = _sample_bounds(conn, table, key[0], parts)
+            splits[table.oid] = _Split("key", _key_statements(table, key, bounds))
+        elif jobs > 1:
+            report.warning(
+                f"{table.qualified}: about {table.estimate:,} rows, but its query is not a "
+                "plain scan of the table and it has no primary key to split it by: copied "
+                "by one connection"
+            )
     return splits
+
+
+def _plan_root(conn: psycopg.Connection[Any], select: str) -> dict[str, Any]:
+    row = conn.execute("EXPLAIN (FORMAT JSON) " + select).fetchone()  # no parameters: "%"
+    assert row is not None
+    document = json.loads(row[0]) if isinstance(row[0], str) else row[0]
+    root: dict[str, Any] = document[0]["Plan"]
+    return root
+
+
+def _scan_of(root: dict[str, Any], table: _Table) -> str | None:
+    """The node type if the plan is one scan of ``table`` (with, at most, subqueries
+    evaluated per row or once: they do not reorder rows), else ``None``."""
+    if root.get("Relation Name") != table.name or root.get("Alias") != _ALIAS:
+        return None
+    children = root.get("Plans", [])
+    if any(p.get("Parent Relationship") not in ("InitPlan", "SubPlan") for p in children):
+        return None
+    return str(root.get("Node Type"))
+
+
+def _block_statements(conn: psycopg.Connection[Any], table: _Table, parts: int) -> list[str] | None:
+    """``parts`` COPYs of block ranges of ``table`` if its query is a plain sequential
+    scan and a range of blocks is read with a TID range scan; else ``None``."""
+    select, copy = table.select_sql(), table.copy_sql()
+    base = f"FROM {table.sql_name} AS {_ALIAS}"
+    inner = f"({select})"
+    if select.count(base) != 1 or inner not in copy:
+        return None
+    if _scan_of(_plan_root(conn, select), table) != "Seq Scan":
+        return None
+
+    def ranged(low: int | None, high: int | None) -> str:
+        bounds = [f"ctid >= '({low},0)'"] if low is not None else []
+        bounds += [f"ctid < '({high},0)'"] if high is not None else []
+        blocks = f"(SELECT * FROM {table.sql_name} AS {_ALIAS} WHERE {' AND '.join(bounds)})"
+        return select.replace(base, f"FROM {blocks} AS {_ALIAS}")
+
+    if _scan_of(_plan_root(conn, ranged(0, 1)), table) != "Tid Range Scan":
+        return None
+    if parts < 2:
+        return [copy]
+    row = conn.execute(
+        "SELECT pg_catalog.pg_relation_size(%s::oid::regclass)"
+        " / pg_catalog.current_setting('block_size')::int8",
+        (table.oid,),
+    ).fetchone()
+    blocks = int(row[0]) if row is not None else 0
+    cuts = sorted({blocks * i // parts for i in range(1, parts)} - {0})
+    # The first range has no lower bound and the last no upper one: every block is in one.
+    edges: list[int | None] = [None, *cuts, None]
+    return [
+        copy.replace(inner, f"({ranged(low, high)})", 1) for low, high in itertools.pairwise(edges)
+    ]
 
 
 def _sample_bounds(
@@ -327,7 +409,7 @@ def _sample_bounds(
     return bounds
 
 
-def _range_statements(table: _Table, split: _Split) -> list[str]:
+def _key_statements(table: _Table, key: Sequence[str], bounds: Sequence[str]) -> list[str]:
     """One ``COPY`` per key range, each in key order, with the table's own columns and
     row filter: the table's query as a subquery, which the planner flattens (the range
     becomes an index condition on the primary key)."""
@@ -337,9 +419,9 @@ def _range_statements(table: _Table, split: _Split) -> list[str]:
     if inner not in copy:  # pragma: no cover - copy_sql() is COPY (select_sql()) ...
         copy = f"COPY {inner} TO STDOUT WITH (FORMAT csv, HEADER)"
     alias = "_pgr_part"
-    lead = f"{alias}.{quote_ident(split.key[0])}"
-    order = ", ".join(f"{alias}.{quote_ident(c)}" for c in split.key)
-    edges: list[str | None] = [None, *split.bounds, None]
+    lead = f"{alias}.{quote_ident(key[0])}"
+    order = ", ".join(f"{alias}.{quote_ident(c)}" for c in key)
+    edges: list[str | None] = [None, *bounds, None]
     statements = []
     for low, high in itertools.pairwise(edges):
         conditions = []
@@ -354,7 +436,7 @@ def _range_statements(table: _Table, split: _Split) -> list[str]:
 
 
 def _pieces(tables: Sequence[_Table], splits: dict[int, _Split], staging: Path) -> list[_Piece]:
-    """The work queue: whole tables and key ranges, biggest first (ranges in key order)."""
+    """The work queue: whole tables and ranges of split ones, biggest first."""
     pieces: list[_Piece] = []
     for table in tables:
         path = staging / table.file
@@ -362,15 +444,15 @@ def _pieces(tables: Sequence[_Table], splits: dict[int, _Split], staging: Path) 
         if split is None:
             pieces.append(_Piece(table, table.copy_sql(), path, float(table.pages)))
             continue
-        statements = _range_statements(table, split)
+        statements = split.statements
         paths = [path] + [
             path.with_name(f"{path.name}.part-{i}") for i in range(1, len(statements))
         ]
-        assembly = _Assembly(table, paths)
+        assembly = _Assembly(table, paths, split.by)
         weight = table.pages / len(statements)
         for index, (statement, part_path) in enumerate(zip(statements, paths, strict=True)):
             pieces.append(_Piece(table, statement, part_path, weight, index, assembly))
-    return sorted(pieces, key=lambda p: -p.weight)  # stable: ranges stay in key order
+    return sorted(pieces, key=lambda p: -p.weight)  # stable: ranges stay in order
 
 
 def _copy_all(
@@ -385,8 +467,8 @@ def _copy_all(
     split_rows: int | None = DEFAULT_SPLIT_ROWS,
     baseline: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """COPY every table, each by one worker or in key ranges by several; workers share the
-    leader's snapshot. Returns the number of key ranges of each table copied in key order.
+    """COPY every table, each by one worker or in ranges by several; workers share the
+    leader's snapshot. Returns the number of ranges of each table big enough to split.
 
     The leader is worker 0; the others open their own connection to the same host and
     import the snapshot before their first table. The leader commits once its share is
@@ -397,6 +479,8 @@ def _copy_all(
     so does a lost session when the replica's conflict counts have grown since
     ``baseline`` (:func:`conflict_counts` before the snapshot was taken).
     """
+    for statement in _SESSION_ORDER:
+        leader.execute(statement)
     splits = _plan_splits(leader, plan.tables, jobs, split_rows, report)
     pieces = _pieces(plan.tables, splits, staging)
     work: queue.SimpleQueue[_Piece] = queue.SimpleQueue()
@@ -422,6 +506,8 @@ def _copy_all(
         try:
             if number:
                 conn = own = _connect(source.conninfo, APPLICATION_NAME, settings)
+                for statement in _SESSION_ORDER:
+                    conn.execute(statement)
                 with lock:
                     connections.append(conn)
                     if failed.is_set():
@@ -483,7 +569,7 @@ def _copy_all(
         if isinstance(error, psycopg.Error) and error.sqlstate == "57P04":
             raise recovery_advice(source, describe(error)) from error
         raise error
-    return {t.qualified: len(splits[t.oid].bounds) + 1 for t in plan.tables if t.oid in splits}
+    return {t.qualified: len(splits[t.oid].statements) for t in plan.tables if t.oid in splits}
 
 
 class _SkipHeader:
@@ -529,7 +615,7 @@ def _copy_piece(
         report.finish(table)
     elif assembly.finish(index, rows, nbytes):
         assembly.join()
-        report.finish(table, parts=len(assembly.paths))
+        report.finish(table, parts=len(assembly.paths), split=assembly.by)
 
 
 def copy_out(
@@ -562,18 +648,25 @@ def copy_out(
                 raise DumpError(f"no result for {statement[:60]}")
             raise psycopg.errors.error_from_result(result, encoding=encoding)
         rows = nbytes = 0
+        drained = False  # the last read of the socket, without waiting, brought no row
         # An exception in here leaves the connection mid-COPY: the callers close it.
         while True:
             size, data = pgconn.get_copy_data(1)
             if size > 0:
+                drained = False
                 write(data)
                 nbytes += size
                 rows += 1
                 if progress is not None and rows % _PROGRESS_EVERY_ROWS == 0:
                     progress(rows - 1, nbytes)  # the first chunk is the header
             elif size == 0:
-                selector.select(timeout=1.0)
+                # Read what the socket already holds before waiting on it: a wait
+                # releases the GIL, and getting it back while the other workers' threads
+                # hold it costs more than the rows it brings (a few hundred at a time).
+                if drained:
+                    selector.select(timeout=1.0)
                 pgconn.consume_input()
+                drained = True
             else:
                 break
         result = _get_result(pgconn, selector)
