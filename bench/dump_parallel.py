@@ -1,6 +1,7 @@
 """One big table exported by ``pgreplica dump`` with 1 and 4 workers, and by ``pg_dump``.
 
     python -m bench.dump_parallel [--rows 1000000] [--repeats 5] [--shuffle] [--link 20]
+                                  [--by block|key]
 
 Starts a local primary with one streaming replica, fills ONE table of ``--rows`` rows
 (``events``: a bigint primary key, two more numbers, text with CSV quoting, a timestamp),
@@ -23,6 +24,12 @@ over N = 1. Every split run's CSV must have the same SHA-256 (1 or 4 workers, ev
 repeat, direct or through the proxy): the run fails otherwise. With ``--shuffle`` the
 rows are inserted in random key order, so that key order is not the physical order (the
 worst case for a copy in key order).
+
+``--by key`` gives ``events`` a foreign key to an ``accounts`` table (50,000 rows) with a
+row filter that keeps them all: the export then checks each row's account against the
+exported accounts (a join), so the table is split in primary key ranges and copied in key
+order, with one worker too. pgreplica then also exports ``accounts``; pg_dump exports
+``events`` only.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import platform
 import shutil
@@ -67,7 +75,13 @@ SELECT g, 1 + g % 50000, g % 7, 'event ' || md5(g::text) || ', "quoted"',
 FROM generate_series(1, {rows}) g {order}
 """
 COLUMNS = ("id", "account_id", "kind", "body", "created_at")
-VISIBILITY = {"tables": {"events": {"columns": dict.fromkeys(COLUMNS, "public")}}}
+VISIBILITY: dict[str, Any] = {"tables": {"events": {"columns": dict.fromkeys(COLUMNS, "public")}}}
+ACCOUNTS = """
+CREATE TABLE accounts (id bigint PRIMARY KEY, closed boolean NOT NULL);
+INSERT INTO accounts SELECT g, false FROM generate_series(1, 50000) g;
+ALTER TABLE events ADD FOREIGN KEY (account_id) REFERENCES accounts;
+"""
+ACCOUNTS_VISIBILITY = {"columns": {"id": "public", "closed": "private"}, "filter": "NOT closed"}
 
 SPLIT = "pgreplica dump"
 WHOLE = "pgreplica dump, not split"
@@ -86,6 +100,12 @@ def main() -> None:
         help="pgreplica's split threshold for the split runs (below --rows)",
     )
     parser.add_argument("--shuffle", action="store_true", help="insert in random key order")
+    parser.add_argument(
+        "--by",
+        choices=("block", "key"),
+        default="block",
+        help="key: a filtered parent makes the table split by primary key (see above)",
+    )
     parser.add_argument(
         "--link",
         type=float,
@@ -159,7 +179,9 @@ def run(cluster: LocalCluster, args: argparse.Namespace, tmp: Path) -> None:
         conn.execute(SCHEMA)
         order = "ORDER BY random()" if args.shuffle else ""
         conn.execute(FILL.format(rows=args.rows, order=order))
-        conn.execute("VACUUM ANALYZE events")
+        if args.by == "key":
+            conn.execute(ACCOUNTS)
+        conn.execute("VACUUM ANALYZE")
         row = conn.execute(
             "SELECT pg_relation_size('events'), reltuples::int8 FROM pg_class "
             "WHERE oid = 'events'::regclass"
@@ -177,6 +199,7 @@ def run(cluster: LocalCluster, args: argparse.Namespace, tmp: Path) -> None:
     parts: dict[int, int] = {}
     cpus = os.cpu_count()
     layout = "shuffled key order" if args.shuffle else "key order = physical order"
+    layout += ", split by primary key" if args.by == "key" else ""
     setup = (
         f"one table of {args.rows} rows ({layout}), one replica on 127.0.0.1, {cpus} CPUs, "
         f"{platform.python_implementation()} {platform.python_version()}"
@@ -381,7 +404,10 @@ def measure(
     settings = Settings.from_dict(
         {"databases": {"main": {"primary": primary, "replicas": [replica]}}}, environ={}
     )
-    visibility = Visibility.from_dict(VISIBILITY, source="bench")
+    tables = dict(VISIBILITY["tables"])
+    if args.by == "key":
+        tables["accounts"] = ACCOUNTS_VISIBILITY
+    visibility = Visibility.from_dict({"tables": tables}, source="bench")
     params = conninfo_to_dict(replica)
     pg_dump = os.path.join(find_bindir(), "pg_dump")
     env = {**os.environ, "PGPASSWORD": str(params["password"])}
@@ -391,20 +417,21 @@ def measure(
         def run_dump(jobs: int) -> tuple[float, int]:
             out = tmp / f"pgreplica-{next(counter)}"
             split_rows = args.split_rows if split else None
+            stderr = io.StringIO()
             started = time.perf_counter()
             result = dump(
-                settings,
-                visibility,
-                out,
-                jobs=jobs,
-                split_rows=split_rows,
-                quiet=True,
-                stderr=io.StringIO(),
+                settings, visibility, out, jobs=jobs, split_rows=split_rows, stderr=stderr
             )
             elapsed = time.perf_counter() - started
             assert result.role == "replica" and result.tables["public.events"] == args.rows
             if split:
                 parts[jobs] = result.parts["public.events"]
+                event = next(
+                    e
+                    for e in map(json.loads, stderr.getvalue().splitlines())
+                    if e.get("table") == "public.events"
+                )
+                assert event["split"] == args.by, event
                 digests.add(sha256(out / "data" / "public.events.csv"))
             size = size_of(out, ".csv")
             shutil.rmtree(out)
