@@ -1,7 +1,7 @@
 """Row filters through foreign keys: ``pgreplica dump``'s queries next to crates.io's own
 export SQL, on a crates.io-shaped schema from 10k to 1M rows.
 
-    python -m bench.dump_filters [--rows 10000 100000 1000000] [--repeats 5]
+    python -m bench.dump_filters [--rows 10000 100000 1000000] [--repeats 7]
                                  [--before-timeout 60] [--no-whole-dump]
 
 Starts a local primary with one streaming replica and, for each size, a database with
@@ -217,7 +217,7 @@ def main() -> None:
         default=[10_000, 100_000, 1_000_000],
         help="sizes: rows over the 4 tables",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per tool and size")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per tool and size")
     parser.add_argument(
         "--before-timeout",
         type=float,
