@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from dump_support import database_dsn, filled_database
 from pgreplica.cli import main
 from pgreplica.config import Settings
 from pgreplica.dump import DumpError, Visibility, dump, verify
@@ -131,9 +132,7 @@ PRIVATE_VALUES = ("secret-", "@mail.test", "sekrit")
 
 
 def db_dsn(cluster: LocalCluster, index: int) -> str:
-    dsn = cluster.dsn(index)
-    assert dsn.endswith("/postgres")
-    return dsn[: -len("postgres")] + DB
+    return database_dsn(cluster, index, DB)
 
 
 def password_of(cluster: LocalCluster) -> str:
@@ -143,17 +142,8 @@ def password_of(cluster: LocalCluster) -> str:
 @pytest.fixture(scope="module")
 def dumpdb(cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The session cluster with the test database created, filled and replayed."""
-    cluster.heal()
-    cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    cluster.execute(0, f"CREATE DATABASE {DB}")
-    with psycopg.connect(db_dsn(cluster, 0), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    cluster.wait_replayed()
-    try:
+    with filled_database(cluster, DB, SCHEMA):
         yield cluster
-    finally:
-        cluster.heal()
-        cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from dump_support import database_dsn, filled_database
 from pgreplica.config import Settings
 from pgreplica.dump import Visibility, VisibilityError, dump, verify
 from pgreplica.dump.catalog import _build_plan
@@ -172,25 +173,14 @@ EXPECTED = {
 
 
 def db_dsn(cluster: LocalCluster, index: int) -> str:
-    dsn = cluster.dsn(index)
-    assert dsn.endswith("/postgres")
-    return dsn[: -len("postgres")] + DB
+    return database_dsn(cluster, index, DB)
 
 
 @pytest.fixture(scope="module")
 def fltdb(cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The session cluster with the test database created, filled and replayed."""
-    cluster.heal()
-    cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    cluster.execute(0, f"CREATE DATABASE {DB}")
-    with psycopg.connect(db_dsn(cluster, 0), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    cluster.wait_replayed()
-    try:
+    with filled_database(cluster, DB, SCHEMA):
         yield cluster
-    finally:
-        cluster.heal()
-        cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 import pgreplica.dump.export
+from dump_support import database_dsn, filled_database
 from pgreplica.config import Settings
 from pgreplica.dump import DumpError, DumpResult, Visibility, dump, verify
 from pgreplica.errors import ConfigError
@@ -92,25 +93,14 @@ CONFLICT_VISIBILITY = PARENT + BIG_RULE.replace("pg_sleep(0.2)", "pg_sleep(0)") 
 
 
 def db_dsn(cluster: LocalCluster, index: int) -> str:
-    dsn = cluster.dsn(index)
-    assert dsn.endswith("/postgres")
-    return dsn[: -len("postgres")] + DB
+    return database_dsn(cluster, index, DB)
 
 
 @pytest.fixture(scope="module")
 def pardb(cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The session cluster with the test database created, filled and replayed."""
-    cluster.heal()
-    cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    cluster.execute(0, f"CREATE DATABASE {DB}")
-    with psycopg.connect(db_dsn(cluster, 0), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    cluster.wait_replayed()
-    try:
+    with filled_database(cluster, DB, SCHEMA):
         yield cluster
-    finally:
-        cluster.heal()
-        cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
 
 
 @pytest.fixture

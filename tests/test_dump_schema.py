@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from dump_support import database_dsn, filled_database
 from pgreplica.config import Settings
 from pgreplica.dump import Visibility, dump, import_dump, verify
 from pgreplica.dump.verify import _split_script, run_script
@@ -229,9 +230,7 @@ WHERE n.nspname = 'public' AND c.relkind = 'r' AND a.attnum > 0
 
 
 def db_dsn(cluster: LocalCluster, index: int, name: str = DB) -> str:
-    dsn = cluster.dsn(index)
-    assert dsn.endswith("/postgres")
-    return dsn[: -len("postgres")] + name
+    return database_dsn(cluster, index, name)
 
 
 @pytest.fixture(scope="module")
@@ -252,15 +251,10 @@ def schemadb(cluster: LocalCluster) -> Iterator[LocalCluster]:
             f"PostgreSQL extension(s) {', '.join(missing)} not installed on this server "
             "(contrib: ltree.control / pg_trgm.control in the extension directory)"
         )
-    cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    cluster.execute(0, f"CREATE DATABASE {DB}")
-    with psycopg.connect(db_dsn(cluster, 0), autocommit=True) as conn:
-        conn.execute(SCHEMA + DATA)
-    cluster.wait_replayed()
     try:
-        yield cluster
-    finally:
-        cluster.heal()
+        with filled_database(cluster, DB, SCHEMA + DATA):
+            yield cluster
+    finally:  # and the databases the tests imported into
         for (name,) in cluster.execute(
             0, f"SELECT datname FROM pg_database WHERE datname LIKE '{DB}%%'"
         ):

@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from dump_support import database_dsn, filled_database
 from pgreplica.cli import main
 from pgreplica.config import Settings
 from pgreplica.dump import TableRule, Visibility, VisibilityError, dump
@@ -180,9 +181,7 @@ EXPORTED = ("crate_owners", "crates", "dependencies", "users", "versions")
 
 
 def db_dsn(cluster: LocalCluster, index: int) -> str:
-    dsn = cluster.dsn(index)
-    assert dsn.endswith("/postgres")
-    return dsn[: -len("postgres")] + DB
+    return database_dsn(cluster, index, DB)
 
 
 def on_primary(cluster: LocalCluster, sql: str) -> None:
@@ -193,16 +192,8 @@ def on_primary(cluster: LocalCluster, sql: str) -> None:
 @pytest.fixture(scope="module")
 def visdb(cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The session cluster with the crates.io-shaped database created and replayed."""
-    cluster.heal()
-    cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    cluster.execute(0, f"CREATE DATABASE {DB}")
-    on_primary(cluster, SCHEMA)
-    cluster.wait_replayed()
-    try:
+    with filled_database(cluster, DB, SCHEMA):
         yield cluster
-    finally:
-        cluster.heal()
-        cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
 
 
 @pytest.fixture

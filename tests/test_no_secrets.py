@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 import pgreplica
+from dump_support import database_dsn, filled_database
 from pgreplica import AsyncLoadBalancer, ConfigError, Dsn, LoadBalancer, Settings
 from pgreplica.lsn import CausalToken
 from pgreplica.testing import LocalCluster
@@ -61,7 +62,7 @@ def url(port: int, password: str = WRONG_PASSWORD, dbname: str = "postgres") -> 
 
 
 def db_dsn(cluster: LocalCluster, index: int) -> str:
-    return cluster.dsn(index).rsplit("/", 1)[0] + f"/{DB}"
+    return database_dsn(cluster, index, DB)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -330,18 +331,12 @@ def test_the_sql_comments_the_servers_receive(healthy_cluster: LocalCluster) -> 
 
 @pytest.fixture(scope="module")
 def dump_db(cluster: LocalCluster) -> Iterator[LocalCluster]:
-    cluster.heal()
-    cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    cluster.execute(0, f"CREATE DATABASE {DB}")
-    with psycopg.connect(db_dsn(cluster, 0), autocommit=True) as conn:
-        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)")
-        conn.execute("INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 50) g")
-    cluster.wait_replayed()
-    try:
+    notes = (
+        "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL);"
+        " INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 50) g"
+    )
+    with filled_database(cluster, DB, notes):
         yield cluster
-    finally:
-        cluster.heal()
-        cluster.execute(0, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
 
 
 def test_dump_output_files_and_messages(dump_db: LocalCluster, tmp_path: Path) -> None:
