@@ -173,29 +173,25 @@ class Injector:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    # Each fault: (inject, heal). Replica faults take the replica's index.
-    def _replica_faults(self) -> dict[str, tuple[Callable[[int], None], Callable[[int], None]]]:
+    def _faults(
+        self, target: int
+    ) -> dict[str, tuple[Callable[[int], None], Callable[[int], None]]]:
+        """Each fault that fits server ``target`` (0: the primary): (inject, heal), both
+        called with ``target``."""
         c, p = self.cluster, self.proxies
-        return {
+        slow = 0.05 if target == 0 else 0.2
+        faults: dict[str, tuple[Callable[[int], None], Callable[[int], None]]] = {
             "kill": (c.kill, c.start),
             "freeze": (c.freeze, c.thaw),
             "blackhole": (lambda i: p[i].blackhole(), lambda i: p[i].heal()),
             "reset": (lambda i: p[i].reset(refuse=True), lambda i: p[i].heal()),
-            "slow": (lambda i: p[i].delay(0.2), lambda i: p[i].heal()),
-            "throttle": (lambda i: p[i].bandwidth(20_000), lambda i: p[i].heal()),
-            "pause": (c.pause, c.resume),
-            "apply-delay": (lambda i: c.lag(i, "300ms"), lambda i: c.lag(i, 0)),
+            "slow": (lambda i: p[i].delay(slow), lambda i: p[i].heal()),
         }
-
-    def _primary_faults(self) -> dict[str, tuple[Callable[[int], None], Callable[[int], None]]]:
-        c, p = self.cluster, self.proxies
-        return {
-            "kill": (c.kill, c.start),
-            "freeze": (c.freeze, c.thaw),
-            "blackhole": (lambda i: p[i].blackhole(), lambda i: p[i].heal()),
-            "reset": (lambda i: p[i].reset(refuse=True), lambda i: p[i].heal()),
-            "slow": (lambda i: p[i].delay(0.05), lambda i: p[i].heal()),
-        }
+        if target:
+            faults["throttle"] = (lambda i: p[i].bandwidth(20_000), lambda i: p[i].heal())
+            faults["pause"] = (c.pause, c.resume)
+            faults["apply-delay"] = (lambda i: c.lag(i, "300ms"), lambda i: c.lag(i, 0))
+        return faults
 
     def run(self, until: float) -> None:
         start = time.monotonic()
@@ -234,7 +230,7 @@ class Injector:
         target = self.rng.choice([0, 1, 1, 1, 2, 2, 2])
         if target in self.promoted:
             return
-        table = self._primary_faults() if target == 0 else self._replica_faults()
+        table = self._faults(target)
         kind = self.rng.choice(sorted(table))
         inject, heal = table[kind]
         seconds = self.rng.uniform(*FAULT_SECONDS)

@@ -106,6 +106,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 4], help="values of N")
     args = parser.parse_args()
 
+    on_fresh_cluster(run, args)
+
+
+def on_fresh_cluster(
+    run: Callable[[LocalCluster, argparse.Namespace, Path], None], args: argparse.Namespace
+) -> None:
+    """``run(cluster, args, tmp)`` on a fresh primary with one streaming replica, in a
+    temporary directory removed afterwards (the dump scenarios share it)."""
     tmp = tempfile.mkdtemp(prefix="pgreplica-bench-")
     os.chmod(tmp, 0o755)  # the servers may run as another user
     cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1)

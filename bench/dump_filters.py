@@ -45,13 +45,13 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bench.dump import on_fresh_cluster
 from bench.results import Results
 from pgreplica.config import Settings
 from pgreplica.dump import Visibility, copy_out, dump
@@ -229,15 +229,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    tmp = tempfile.mkdtemp(prefix="pgreplica-bench-")
-    os.chmod(tmp, 0o755)  # the servers may run as another user
-    cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1)
-    try:
-        cluster.up()
-        run(cluster, args, Path(tmp))
-    finally:
-        cluster.destroy()
-        shutil.rmtree(tmp, ignore_errors=True)
+    on_fresh_cluster(run, args)
 
 
 def prepare(cluster: LocalCluster, rows: int) -> tuple[str, str]:

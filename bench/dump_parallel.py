@@ -44,7 +44,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.dump import on_fresh_cluster
 from bench.results import Results
 from pgreplica.config import Settings
 from pgreplica.dump import Visibility, dump
@@ -118,15 +118,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    tmp = tempfile.mkdtemp(prefix="pgreplica-bench-")
-    os.chmod(tmp, 0o755)  # the servers may run as another user
-    cluster = LocalCluster(os.path.join(tmp, "cluster"), replicas=1)
-    try:
-        cluster.up()
-        run(cluster, args, Path(tmp))
-    finally:
-        cluster.destroy()
-        shutil.rmtree(tmp, ignore_errors=True)
+    on_fresh_cluster(run, args)
 
 
 def sha256(path: Path) -> str:
