@@ -197,6 +197,38 @@ def test_routing_connection_fallback_reads_are_capped(healthy_cluster: LocalClus
             assert sorted(done) == sorted(kinds)
 
 
+def test_async_routing_connection_fallback_reads_are_capped(
+    healthy_cluster: LocalCluster,
+) -> None:
+    with cut_off_replicas(healthy_cluster) as (config, proxies):
+        config.update(fallback_limit=1, fallback_wait=0.0)
+
+        async def main() -> list[str]:
+            async with pgreplica.AsyncLoadBalancer(config=config) as alb:
+                for p in proxies:
+                    p.reset(refuse=True)
+                deadline = time.monotonic() + 10
+                while not all_replicas_down(alb) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert all_replicas_down(alb)
+
+                async def read() -> str:
+                    try:
+                        async with alb.connection() as rconn:
+                            await rconn.set_autocommit(True)
+                            await rconn.execute(SLEEP_SQL)
+                        return "served"
+                    except pgreplica.HostUnavailable as exc:
+                        return exc.reason
+
+                outcomes = await asyncio.gather(*(read() for _ in range(5)))
+                assert alb._fallback_reads.get("main", 0) == 0
+                return list(outcomes)
+
+        outcomes = asyncio.run(main())
+    assert (outcomes.count("served"), outcomes.count("fallback_limit")) == (1, 4), outcomes
+
+
 def test_async_fallback_reads_are_capped(healthy_cluster: LocalCluster) -> None:
     with cut_off_replicas(healthy_cluster) as (config, proxies):
         config.update(fallback_limit=1, fallback_wait=0.0)

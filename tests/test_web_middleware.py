@@ -425,6 +425,58 @@ def test_flask_through_wsgi(healthy_cluster: LocalCluster, schema: None) -> None
             assert role(healthy_cluster, port).startswith("replica")
 
 
+def test_wsgi_with_the_sticking_store_unreachable(
+    healthy_cluster: LocalCluster, schema: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WSGI, Redis down: the write answers 201 with its token (the failed stick is
+    logged), and another browser of the same user, with no token, reads the primary."""
+    flask = pytest.importorskip("flask", reason="Flask is not installed (.[dev])")
+
+    with pgreplica.LoadBalancer(config=healthy_cluster.config()) as lb:
+        Session = sessionmaker(class_=RoutingSession, lb=lb, expire_on_commit=False)
+        app = flask.Flask("web_items_down")
+
+        @app.post("/items")
+        def create() -> Any:
+            with Session() as session:
+                item = Item(title=flask.request.get_json()["title"])
+                session.add(item)
+                session.commit()
+            return {"id": item.id}, 201
+
+        @app.get("/items/<int:item_id>")
+        def show(item_id: int) -> Any:
+            with Session() as session:
+                item = session.get(Item, item_id)
+                port = session.execute(select(func.inet_server_port())).scalar_one()
+                return {"title": item.title if item else None, "port": port}
+
+        middleware = WSGIMiddleware(
+            app.wsgi_app,
+            lb=lb,
+            key=KEY,
+            sticking=f"redis://127.0.0.1:{free_port()}/0",
+            identify=lambda environ: environ.get("HTTP_X_USER"),
+        )
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        lag(healthy_cluster, "300ms")
+        try:
+            with caplog.at_level(logging.WARNING, logger="pgreplica.sticking"):
+                with app.test_client() as web:
+                    created = web.post("/items", json={"title": "down"}, headers={"X-User": "9"})
+                with app.test_client() as other:
+                    shown = other.get(
+                        f"/items/{created.get_json()['id']}", headers={"X-User": "9"}
+                    ).get_json()
+        finally:
+            lag(healthy_cluster, 0)
+            middleware.sticking.store.close()
+    assert created.status_code == 201 and created.headers.get("X-PgReplica-Token")
+    assert shown == {"title": "down", "port": healthy_cluster.port(0)}
+    operations = [m.rsplit("operation=", 1)[-1] for m in caplog.messages]
+    assert {"adopt", "stick"} <= set(operations), caplog.messages
+
+
 def test_tokens_cross_between_django_and_asgi_cookies() -> None:
     """Django sets the token cookie quoted (SimpleCookie); the middleware reads it, and
     Django's cookie parser reads the middleware's."""
