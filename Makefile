@@ -42,5 +42,10 @@ CHAOS_SECONDS ?= 60
 chaos: install
 	$(BIN)/python -m bench.chaos --seconds $(CHAOS_SECONDS)
 
+.PHONY: docs
+# The documentation site, API reference from the docstrings, into site/ (git-ignored).
+docs: install
+	$(BIN)/mkdocs build --strict
+
 clean:
 	rm -rf $(VENV) .pgreplica-cluster .pytest_cache .mypy_cache
