@@ -415,6 +415,62 @@ def test_bad_settings_name_the_setting(data: dict[str, Any], setting: str) -> No
     assert error.problem
 
 
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (one_db(replica=[REPLICA_URL]), "unknown setting 'replica' (did you mean 'replicas'?)"),
+        (
+            one_db(replica_dns="replicas.internal"),
+            "unknown setting 'replica_dns' (did you mean 'replicas_dns'?)",
+        ),
+        (
+            {**one_db(), "max_lag_byte": 1},
+            "unknown setting 'max_lag_byte' (did you mean 'max_lag_bytes'?)",
+        ),
+        (
+            {**one_db(), "probe_intervall": 1},
+            "unknown setting 'probe_intervall' (did you mean 'probe_interval'?)",
+        ),
+        ({"database": {}}, "unknown setting 'database' (did you mean 'databases'?)"),
+        (
+            {**one_db(), "replica": [REPLICA_URL]},
+            "unknown setting 'replica' (did you mean 'replicas' under [databases.main]?)",
+        ),
+        ({**one_db(), "primary": PRIMARY_URL}, "it belongs in a database's table"),
+        (one_db(max_lag_bytes=1), "it applies to every database"),
+    ],
+)
+def test_unknown_setting_suggests_the_closest_known_one(data: dict[str, Any], problem: str) -> None:
+    assert problem in config_error(data).problem
+
+
+def test_unknown_setting_without_a_close_one_lists_the_known_ones() -> None:
+    problem = config_error({**one_db(), "xyzzy": 1}).problem
+    assert problem.startswith("unknown setting 'xyzzy' (known: application_name, ")
+    assert "did you mean" not in problem
+    problem = config_error(one_db(xyzzy=1)).problem
+    assert "(known: hosts, patroni, primary, replicas, replicas_dns, rollout)" in problem
+
+
+def test_unknown_setting_in_a_toml_file_suggests_the_known_one(tmp_path: Path) -> None:
+    path = tmp_path / "pgreplica.toml"
+    path.write_text(f'[databases.main]\nprimary = "{PRIMARY_URL}"\nreplica = ["{REPLICA_URL}"]\n')
+    with pytest.raises(ConfigError) as info:
+        Settings.from_toml(path, environ=NO_ENV)
+    assert str(info.value) == (
+        "databases.main.replica: unknown setting 'replica' (did you mean 'replicas'?)"
+    )
+    assert SECRET not in str(info.value)
+
+
+def test_unknown_option_and_database_suggest_the_known_one() -> None:
+    settings = Settings.from_dict(one_db(), environ=NO_ENV)
+    with pytest.raises(ConfigError, match=r"did you mean 'max_lag_bytes'\?"):
+        settings.with_options(max_lagbytes=1)
+    with pytest.raises(ConfigError, match=r"no database 'mian' \(did you mean 'main'\?\)"):
+        settings.database("mian")
+
+
 def test_reuse_of_a_database_that_does_not_exist() -> None:
     error = config_error(
         {"databases": {"main": {"primary": PRIMARY_URL}, "ci": {"primary": "mian"}}}

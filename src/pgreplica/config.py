@@ -10,11 +10,12 @@ says, everything then goes to the primary and no replica connection is opened.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgreplica._extras import require
 from pgreplica.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -250,7 +252,8 @@ class Settings:
             return self.databases[name]
         except KeyError:
             known = ", ".join(self.databases)
-            raise ConfigError("database", f"no database {name!r} (configured: {known})") from None
+            hint = _did_you_mean(name, self.databases) or f" (configured: {known})"
+            raise ConfigError("database", f"no database {name!r}{hint}") from None
 
     # -- loaders --------------------------------------------------------------------
 
@@ -270,7 +273,7 @@ class Settings:
         values: dict[str, Any] = {}
         for key, value in data.items():
             if key not in known:
-                raise ConfigError(str(key), f"unknown setting (known: {', '.join(sorted(known))})")
+                raise _unknown_setting(str(key), str(key), known)
             if key != "databases":
                 values[key] = _coerce(key, value)
         values.update(_env_overrides(env, known))
@@ -314,10 +317,58 @@ class Settings:
 
     def with_options(self, **changes: Any) -> Settings:
         """A copy with some settings changed (validated like the original)."""
-        unknown = set(changes) - {f.name for f in fields(self)}
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
         if unknown:
-            raise ConfigError(sorted(unknown)[0], "unknown setting")
+            key = sorted(unknown)[0]
+            raise _unknown_setting(key, key, known)
         return replace(self, **{k: _coerce(k, v) for k, v in changes.items()})
+
+
+_DATABASE_KEYS = frozenset(("primary", "replicas", "rollout", "hosts", "replicas_dns", "patroni"))
+"""The settings of one ``[databases.NAME]`` table."""
+
+
+def _closest(key: str, known: Iterable[str]) -> str | None:
+    """The known name that ``key`` is most likely a typo of, if any."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return close[0] if close else None
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to ``key``, or ``""``."""
+    close = _closest(key, known)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
+def _unknown_setting(setting: str, key: str, known: Iterable[str]) -> ConfigError:
+    """The error for ``key``, not one of ``known``: the closest known setting, a
+    setting of the other level (global or per database), or the list of known ones."""
+    known = sorted(known)
+    hint = _did_you_mean(key, known)
+    if hint:
+        return ConfigError(setting, f"unknown setting {key!r}{hint}")
+    if "databases" in known:  # the top level
+        if key in _DATABASE_KEYS:
+            return ConfigError(
+                setting,
+                f"unknown setting {key!r} here: it belongs in a database's table,"
+                " e.g. under [databases.main]",
+            )
+        close = _closest(key, _DATABASE_KEYS)
+        if close:
+            return ConfigError(
+                setting, f"unknown setting {key!r} (did you mean {close!r} under [databases.main]?)"
+            )
+    else:
+        top_level = {f.name for f in fields(Settings)} - {"databases"}
+        if key in top_level:
+            return ConfigError(
+                setting,
+                f"unknown setting {key!r} here: it applies to every database, so it goes"
+                " at the top of the file, before the [databases.*] tables",
+            )
+    return ConfigError(setting, f"unknown setting {key!r} (known: {', '.join(known)})")
 
 
 def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConfig]:
@@ -335,16 +386,10 @@ def _parse_databases(raw: Any, env: Mapping[str, str]) -> dict[str, DatabaseConf
         where = f"databases.{name}"
         if not isinstance(entry, Mapping):
             raise ConfigError(where, "expected a table with primary and replicas")
-        unknown = set(entry) - {
-            "primary",
-            "replicas",
-            "rollout",
-            "hosts",
-            "replicas_dns",
-            "patroni",
-        }
+        unknown = set(entry) - _DATABASE_KEYS
         if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown setting")
+            key = str(sorted(unknown, key=str)[0])
+            raise _unknown_setting(f"{where}.{key}", key, _DATABASE_KEYS)
         if (
             "patroni" in entry
             and "hosts" not in entry
@@ -413,6 +458,8 @@ def _dns_name(entry: Mapping[str, Any], where: str) -> str | None:
         or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)
     ):
         raise ConfigError(f"{where}.replicas_dns", f"expected a DNS name, got {name!r}")
+    # The lookups run in the prober: a missing dnspython is told now, not there.
+    require("dns.asyncresolver", extra="dns", feature=f"{where}.replicas_dns", setting=True)
     return name
 
 
