@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgreplica._extras import require
 from pgreplica.config import Dsn
-from pgreplica.errors import ConfigError
 
 __all__ = ["lookup", "replica_dsns"]
 
@@ -31,13 +31,10 @@ Target = tuple[str, "int | None"]
 async def lookup(name: str, servers: Sequence[str]) -> tuple[list[Target], float]:
     """``([(host, port or None), ...], ttl)`` for ``name`` (SRV if it starts with ``_``,
     else A). Raises :class:`LookupError` for a failed or empty answer."""
-    try:
-        import dns.asyncresolver
-        import dns.exception
-    except ImportError:  # pragma: no cover - the extra is not installed
-        raise ConfigError(
-            "replicas_dns", "needs dnspython (pip install 'pgreplica[dns]')"
-        ) from None
+    require("dns.asyncresolver", extra="dns", feature="replicas_dns", setting=True)
+    import dns.asyncresolver
+    import dns.exception
+
     resolver = dns.asyncresolver.Resolver(configure=not servers)
     if servers:
         addresses, ports = [], set()

@@ -38,8 +38,8 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pgreplica._extras import require
 from pgreplica._fork import ForkSafeLock
-from pgreplica.errors import ConfigError
 from pgreplica.lsn import parse_lsn
 from pgreplica.observe import (
     WAL_CHECKED,
@@ -63,13 +63,7 @@ _BALANCERS: weakref.WeakSet[BalancerBase] = weakref.WeakSet()
 
 
 def _prometheus() -> Any:
-    try:
-        import prometheus_client
-    except ImportError as exc:
-        raise ConfigError(
-            "metrics", "needs prometheus_client: pip install 'pgreplica[prometheus]'"
-        ) from exc
-    return prometheus_client
+    return require("prometheus_client", extra="prometheus", feature="metrics", setting=True)
 
 
 class _Shard:

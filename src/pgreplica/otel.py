@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pgreplica._extras import require
 from pgreplica._fork import ForkSafeLock
-from pgreplica.errors import ConfigError
 from pgreplica.observe import Event, Observed, add_sink
 
 __all__ = ["enable"]
@@ -24,12 +24,9 @@ _TRACE: list[Any] = []
 
 def enable() -> None:
     """Start annotating spans (idempotent)."""
-    try:
-        from opentelemetry import trace
-    except ImportError as exc:
-        raise ConfigError(
-            "opentelemetry", "needs opentelemetry-api: pip install 'pgreplica[opentelemetry]'"
-        ) from exc
+    trace = require(
+        "opentelemetry.trace", extra="opentelemetry", feature="opentelemetry", setting=True
+    )
     with _LOCK:
         if not _TRACE:
             _TRACE.append(trace)

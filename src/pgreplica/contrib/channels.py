@@ -46,8 +46,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from django.db import InterfaceError, OperationalError
-from django.utils.module_loading import import_string
+from pgreplica._extras import extra_imports
+
+with extra_imports("channels", feature="pgreplica.contrib.channels"):
+    import channels  # noqa: F401  (the consumers below are for Django Channels)
+    from django.db import InterfaceError, OperationalError
+    from django.utils.module_loading import import_string
 
 from pgreplica import jobs, pubsub
 from pgreplica.contrib.django.state import REQUEST, RequestState, integration

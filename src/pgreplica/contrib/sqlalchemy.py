@@ -50,17 +50,21 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from sqlalchemy import event
-from sqlalchemy.dialects.postgresql import psycopg as _sa_psycopg
-from sqlalchemy.engine import Engine, create_engine
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.pool import NullPool
-from sqlalchemy.sql.elements import TextClause
-from sqlalchemy.sql.selectable import TextualSelect
-from sqlalchemy.util import await_only
+
+from pgreplica._extras import extra_imports
+
+with extra_imports("sqlalchemy", feature="pgreplica.contrib.sqlalchemy"):
+    from sqlalchemy import event
+    from sqlalchemy.dialects.postgresql import psycopg as _sa_psycopg
+    from sqlalchemy.engine import Engine, create_engine
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+    from sqlalchemy.orm import Session
+    from sqlalchemy.orm.attributes import set_committed_value
+    from sqlalchemy.pool import NullPool
+    from sqlalchemy.sql.elements import TextClause
+    from sqlalchemy.sql.selectable import TextualSelect
+    from sqlalchemy.util import await_only
 
 from pgreplica._balancer_async import AsyncLoadBalancer
 from pgreplica._balancer_sync import LoadBalancer

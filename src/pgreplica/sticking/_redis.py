@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
+from pgreplica._extras import require
 from pgreplica.errors import TokenError
 from pgreplica.lsn import CausalToken
 from pgreplica.sticking._stores import StickingUnavailable, _check_ttl
@@ -75,13 +76,7 @@ return 1
 
 
 def _redis_module() -> Any:
-    try:
-        import redis
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the Redis sticking store needs redis-py: pip install 'pgreplica[redis]'"
-        ) from exc
-    return redis
+    return require("redis", extra="redis", feature="the Redis sticking store")
 
 
 def _client_options(timeout: float, *, for_asyncio: bool = False) -> dict[str, Any]:

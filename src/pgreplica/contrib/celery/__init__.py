@@ -45,8 +45,11 @@ import random
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-import celery
-from celery import signals
+from pgreplica._extras import extra_imports
+
+with extra_imports("celery", feature="pgreplica.contrib.celery"):
+    import celery
+    from celery import signals
 
 from pgreplica import jobs, observe
 from pgreplica._balancer_sync import LoadBalancer
