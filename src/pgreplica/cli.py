@@ -3,34 +3,135 @@
 ``pgreplica cluster ...`` manages a local replicated PostgreSQL cluster for development
 (see :mod:`pgreplica.localcluster`). Passwords are never printed: DSNs are shown with
 ``***`` and the full ones are written to ``DIR/pgreplica.toml`` (mode 0600).
+
+Errors end the command with one line on stderr, never a traceback: exit status 2 for a
+bad argument or configuration, 1 for a failure while running (a server that cannot be
+reached, a host down in ``pgreplica status``), 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import math
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, NoReturn
 
 import psycopg
 
-from pgreplica.errors import PgReplicaError
-from pgreplica.localcluster import DEFAULT_DIRECTORY, ClusterError, LocalCluster
+from pgreplica.errors import ConfigError, PgReplicaError
+from pgreplica.localcluster import DEFAULT_DIRECTORY, ClusterError, LocalCluster, parse_delay
+
+if TYPE_CHECKING:
+    from pgreplica.health import HostStatus
 
 _Handler = Callable[[argparse.Namespace], int]
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "PGREPLICA_DEBUG"
+"""Set to 1 to get the traceback of an unexpected error instead of one line."""
+
+
+class UsageError(Exception):
+    """A command was given values it cannot use; the message says which (exit 2)."""
+
+
+def version() -> str:
+    """The installed version of pgreplica."""
+    try:
+        return metadata.version("pgreplica")
+    except metadata.PackageNotFoundError:
+        import pgreplica
+
+        return str(getattr(pgreplica, "__version__", "unknown"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``pgreplica status: argument --watch: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+# Argument types: a bad value is a usage error that names the argument.
+
+
+def positive_seconds(text: str) -> float:
+    """A number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return value
+
+
+def duration_text(text: str) -> str:
+    """A delay such as ``300ms``, ``2s``, ``1min`` or ``0``, kept as written."""
+    try:
+        parse_delay(text)
+    except ClusterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pgreplica``; each top-level command sets ``handler``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pgreplica",
         description="Read-replica routing for PostgreSQL: tools for development.",
     )
+    parser.add_argument("--version", action="version", version=f"pgreplica {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_cluster_commands(commands)
     status = commands.add_parser(
-        "status", help="hosts of a configuration: role, state, replay LSN, lag"
+        "status",
+        help="hosts of a configuration: role, state, replay LSN, lag",
+        description="Probe every host of a configuration once and show its role, state,"
+        " replay LSN and lag (lag '-' when unknown, e.g. the host is down). Exit status"
+        " 1 when a host is down.",
     )
     status.add_argument(
         "--config", help="pgreplica TOML file (default: $PGREPLICA_CONFIG or the environment)"
@@ -39,21 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON object per host")
     status.add_argument(
         "--watch",
-        type=float,
+        type=positive_seconds,
         nargs="?",
         const=1.0,
         metavar="SECONDS",
         help="redraw the table every SECONDS (1) until interrupted",
     )
-    status.add_argument("--count", type=int, help=argparse.SUPPRESS)  # --watch rounds (tests)
-    status.set_defaults(handler=_status_main)
+    status.add_argument("--count", type=positive_int, help=argparse.SUPPRESS)  # --watch rounds
+    status.set_defaults(handler=_status_main, quiet_logs=True)
     demo = commands.add_parser(
-        "demo", help="read-your-writes under injected lag and a replica failure"
+        "demo",
+        help="read-your-writes under injected lag and a replica failure",
+        description="Run write-then-read cycles on a local cluster while replica 1 replays"
+        " late and replica 2 is killed and restarted; report where reads went and the"
+        " stale reads (0).",
     )
     from pgreplica import demo as demo_module
 
     demo_module.add_arguments(demo)
-    demo.set_defaults(handler=demo_module.run)
+    demo.set_defaults(handler=demo_module.run, quiet_logs=True)
     dump = commands.add_parser(
         "dump",
         help="consistent export from a replica, only the columns a visibility file allows",
@@ -73,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pgreplica import check as check_module
 
     check_module.add_arguments(check)
-    check.set_defaults(handler=check_module.run)
+    check.set_defaults(handler=check_module.run, quiet_logs=True)
     # Further top-level commands are added here, each with
     # commands.add_parser(...) and set_defaults(handler=...).
     return parser
@@ -85,19 +190,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: _Handler = args.handler
     try:
-        return handler(args)
-    except (ClusterError, PgReplicaError, psycopg.Error) as exc:
-        print(f"pgreplica: {exc}", file=sys.stderr)
-        return 1
+        with quiet_logging() if getattr(args, "quiet_logs", False) else contextlib.nullcontext():
+            return handler(args)
     except KeyboardInterrupt:
-        print("pgreplica: interrupted", file=sys.stderr)
-        return 130
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+    except (UsageError, ConfigError) as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+    except (ClusterError, PgReplicaError, psycopg.Error, OSError) as exc:
+        _fail(_one_line(exc))
+        return EXIT_FAILURE
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {_one_line(exc)} ({DEBUG_ENV}=1 shows where)")
+        return EXIT_FAILURE
+
+
+def _fail(message: str) -> None:
+    print(f"pgreplica: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (libpq's hints follow on indented lines); the
+    lines of a server log that a ClusterError ends with are kept."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ClusterError):
+        return text
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def quiet_logging() -> Iterator[None]:
+    """Keep the log records about unreachable servers (psycopg_pool's ``error connecting``,
+    pgreplica's ``host_offline``) off the terminal while a command runs: the command
+    reports each error itself, once. Errors of pgreplica still show."""
+    levels = {"psycopg.pool": logging.CRITICAL + 1, "pgreplica": logging.ERROR}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 # ---------------------------------------------------------------------- pgreplica cluster
 
 
-def _add_cluster_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_cluster_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     cluster = commands.add_parser(
         "cluster",
         help="run a local primary with streaming replicas for development",
@@ -120,7 +265,7 @@ def _add_cluster_commands(commands: argparse._SubParsersAction[argparse.Argument
         sub = action(name, help)
         sub.add_argument(
             "--replica",
-            type=int,
+            type=count,
             required=True,
             metavar="I",
             help="server number: 0 = primary, 1..N = replicas"
@@ -130,15 +275,16 @@ def _add_cluster_commands(commands: argparse._SubParsersAction[argparse.Argument
         if name == "lag":
             sub.add_argument(
                 "--delay",
+                type=duration_text,
                 required=True,
                 help="apply delay such as 300ms, 2s, 1min; 0 removes it",
             )
 
     up = action("up", "create the cluster if needed and start it")
-    up.add_argument("--replicas", type=int, metavar="N", help="number of replicas (default 2)")
+    up.add_argument("--replicas", type=count, metavar="N", help="number of replicas (default 2)")
     up.add_argument(
         "--port",
-        type=int,
+        type=port_number,
         metavar="P",
         help="port of the primary; replicas use P+1..P+N (default: free ports from 5432)",
     )
@@ -233,10 +379,6 @@ def _print_status(cluster: LocalCluster) -> None:
         print("  ".join(cells).rstrip())
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------------- pgreplica status
 
 
@@ -248,6 +390,8 @@ def _status_main(args: argparse.Namespace) -> int:
     from pgreplica._balancer_sync import LoadBalancer
 
     lb = LoadBalancer.from_config(args.config)
+    if args.database is not None:
+        lb.settings.database(args.database)  # an unknown name is a usage error
     rounds = 0
     try:
         lb.open()
@@ -256,40 +400,33 @@ def _status_main(args: argparse.Namespace) -> int:
             if args.watch is not None and not args.json:
                 print("\033[H\033[2J", end="")  # clear the terminal
                 print(time.strftime("%Y-%m-%d %H:%M:%S"))
-            _print_hosts(rows, as_json=args.json)
+            text = format_hosts(rows, as_json=args.json)
+            if text:
+                print(text, flush=True)
             rounds += 1
             if args.watch is None or (args.count is not None and rounds >= args.count):
                 break
             time.sleep(args.watch)
     finally:
         lb.close()
-    return 1 if any(s.state == "down" for s in rows) else 0
+    return EXIT_FAILURE if any(s.state == "down" for s in rows) else 0
 
 
-def _print_hosts(rows: list[Any], *, as_json: bool) -> None:
+_LAG_UNKNOWN = frozenset(("down", "half_open", "unknown"))
+"""Host states whose lag is unknown: the replay LSN is stale (or was never probed)."""
+
+
+def format_hosts(rows: Sequence[HostStatus], *, as_json: bool) -> str:
+    """``lb.status()`` as ``pgreplica status`` shows it: a table followed by one line per
+    host error, or (``as_json``) one JSON object per host and line. The lag of a host
+    that is down or not probed yet is unknown: ``-`` in the table, null in JSON. No
+    trailing newline."""
     if as_json:
-        import json
-
-        for s in rows:
-            print(
-                json.dumps(
-                    {
-                        "host": s.host,
-                        "databases": list(s.databases),
-                        "role": s.role,
-                        "state": s.state,
-                        "replay_lsn": s.replay_lsn,
-                        "lag_bytes": s.lag_bytes,
-                        "lag_seconds": s.lag_seconds,
-                        "last_error": s.last_error,
-                    }
-                ),
-                flush=True,
-            )
-        return
+        return "\n".join(json.dumps(_host_json(s)) for s in rows)
     header = ("HOST", "DATABASES", "ROLE", "STATE", "REPLAY LSN", "LAG BYTES", "LAG SECONDS")
     table = [header]
     for s in rows:
+        lag_bytes, lag_seconds = _lag(s)
         table.append(
             (
                 s.host,
@@ -297,13 +434,38 @@ def _print_hosts(rows: list[Any], *, as_json: bool) -> None:
                 s.role,
                 s.state,
                 s.replay_lsn or "-",
-                "-" if s.lag_bytes is None else str(s.lag_bytes),
-                "-" if s.lag_seconds is None else f"{s.lag_seconds:.3f}",
+                "-" if lag_bytes is None else str(lag_bytes),
+                "-" if lag_seconds is None else f"{lag_seconds:.3f}",
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    for s in rows:
-        if s.last_error:
-            print(f"{s.host}: {s.last_error}")
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    ]
+    lines += [f"{s.host}: {s.last_error}" for s in rows if s.last_error]
+    return "\n".join(lines)
+
+
+def _lag(row: HostStatus) -> tuple[int | None, float | None]:
+    if row.state in _LAG_UNKNOWN:
+        return None, None
+    return row.lag_bytes, row.lag_seconds
+
+
+def _host_json(row: HostStatus) -> dict[str, object]:
+    lag_bytes, lag_seconds = _lag(row)
+    return {
+        "host": row.host,
+        "databases": list(row.databases),
+        "role": row.role,
+        "state": row.state,
+        "replay_lsn": row.replay_lsn,
+        "lag_bytes": lag_bytes,
+        "lag_seconds": lag_seconds,
+        "last_error": row.last_error,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

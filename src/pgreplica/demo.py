@@ -8,7 +8,6 @@ prints where reads went and why, and ends with ``stale reads: N``, which must be
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -16,9 +15,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from pgreplica._balancer_sync import LoadBalancer
+from pgreplica.cli import UsageError
 from pgreplica.localcluster import LocalCluster
 from pgreplica.workload import Tally, prepare, threaded
 
@@ -39,54 +41,138 @@ REASONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pgreplica.cli import duration_text, port_number, positive_int, positive_seconds
+
     parser.add_argument("--config", help="use an existing deployment instead of a local cluster")
-    parser.add_argument("--seconds", type=float, default=6.0, help="workload duration (6)")
-    parser.add_argument("--threads", type=int, default=8, help="concurrent writers/readers (8)")
-    parser.add_argument("--lag", default="300ms", help="replay delay injected on replica 1")
-    parser.add_argument("--dir", help="cluster directory (default: a temporary one, removed)")
+    parser.add_argument(
+        "--seconds", type=positive_seconds, default=6.0, help="workload duration (6)"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=8, help="concurrent writers/readers (8)"
+    )
+    parser.add_argument(
+        "--lag", type=duration_text, default="300ms", help="replay delay injected on replica 1"
+    )
+    parser.add_argument(
+        "--dir",
+        help="cluster directory (default: a temporary one, removed); a cluster already"
+        " there is left as found: running or stopped, without the injected faults",
+    )
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        metavar="P",
+        help="port of the primary of the local cluster; the replicas use P+1 and P+2"
+        " (default: free ports from 5432)",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if args.config:
+        if args.dir is not None or args.port is not None:
+            raise UsageError(
+                "--config runs against an existing deployment: leave out --dir and --port"
+            )
         lb = LoadBalancer.from_config(args.config)
-        print(f"pgreplica demo against {lb!r} (no fault injection)", file=out)
+        _say(out, f"pgreplica demo against {lb!r} (no fault injection)")
         try:
             tally = _workload(lb, args, out, None)
         finally:
             lb.close()
         return _report(tally, out)
-
-    tmp = None
-    directory = args.dir
-    if directory is None:
+    if args.dir is None:
         tmp = tempfile.mkdtemp(prefix="pgreplica-demo-")
-        os.chmod(tmp, 0o755)  # the servers may run as another user
-        directory = os.path.join(tmp, "cluster")
-    cluster = LocalCluster(directory, replicas=2)
-    try:
-        started = time.monotonic()
-        cluster.up()
-        print(
-            f"local cluster up in {time.monotonic() - started:.1f}s: primary and 2 replicas",
-            file=out,
-        )
-        for index in range(3):
-            role = "primary " if index == 0 else f"replica{index}"
-            print(f"  {role}  {cluster.redacted_dsn(index)}", file=out)
-        lb = LoadBalancer(config=cluster.config())
         try:
-            cluster.lag(1, args.lag)
-            print(f"injected: replay delay {args.lag} on replica1", file=out)
-            tally = _workload(lb, args, out, cluster)
+            os.chmod(tmp, 0o755)  # the servers may run as another user
+            cluster = _open_cluster(os.path.join(tmp, "cluster"), args.port)
+            try:
+                return _local_demo(cluster, args, out)
+            finally:
+                cluster.destroy()
         finally:
-            lb.close()
-        return _report(tally, out)
-    finally:
-        cluster.destroy() if tmp else cluster.down()
-        if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    cluster = _open_cluster(args.dir, args.port)
+    found = _Found.of(cluster)
+    if any(found.running):
+        _say(out, f"using the running cluster in {cluster.directory}; left as found at the end")
+    try:
+        return _local_demo(cluster, args, out)
+    finally:
+        found.restore(cluster)
+
+
+def _open_cluster(directory: str, port: int | None) -> LocalCluster:
+    """The cluster in ``directory``, or a new one (two replicas) to create there."""
+    if not (Path(directory) / "cluster.json").exists():
+        if port is not None and port + 2 > 65535:
+            raise UsageError(f"--port {port}: the replicas need ports {port + 1} and {port + 2}")
+        return LocalCluster(directory, replicas=2, port=port)
+    cluster = LocalCluster.load(directory)
+    if port is not None and port != cluster.port(0):
+        raise UsageError(
+            f"--port {port}: {cluster.directory} holds a cluster on port {cluster.port(0)};"
+            " leave out --port to use it, or choose another --dir"
+        )
+    if cluster.replicas == 0:
+        raise UsageError(
+            f"{cluster.directory} holds a cluster without replicas: the demo needs one"
+        )
+    return cluster
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A cluster as the demo found it: which servers ran, and the replicas' apply delays."""
+
+    running: tuple[bool, ...]
+    apply_delays: tuple[str, ...]
+    """Of replicas 1..N."""
+
+    @classmethod
+    def of(cls, cluster: LocalCluster) -> _Found:
+        return cls(
+            running=tuple(cluster.running(i) for i in range(cluster.replicas + 1)),
+            apply_delays=tuple(cluster.apply_delay(i) for i in range(1, cluster.replicas + 1)),
+        )
+
+    def restore(self, cluster: LocalCluster) -> None:
+        """Undo what the demo did: its apply delay, the replica it killed, the servers it
+        started."""
+        for replica, delay in enumerate(self.apply_delays, 1):
+            if cluster.apply_delay(replica) != delay:
+                cluster.lag(replica, delay)
+        for index, was_running in enumerate(self.running):
+            if was_running and not cluster.running(index):
+                cluster.start(index)
+        if not any(self.running):
+            cluster.down()
+            return
+        for index in reversed(range(len(self.running))):  # replicas before the primary
+            if not self.running[index]:
+                cluster.stop(index)
+
+
+def _local_demo(cluster: LocalCluster, args: argparse.Namespace, out: TextIO) -> int:
+    started = time.monotonic()
+    cluster.up()
+    replicas = "1 replica" if cluster.replicas == 1 else f"{cluster.replicas} replicas"
+    _say(out, f"local cluster up in {time.monotonic() - started:.1f}s: primary and {replicas}")
+    for index in range(cluster.replicas + 1):
+        role = "primary " if index == 0 else f"replica{index}"
+        _say(out, f"  {role}  {cluster.redacted_dsn(index)}")
+    lb = LoadBalancer(config=cluster.config())
+    try:
+        cluster.lag(1, args.lag)
+        _say(out, f"injected: replay delay {args.lag} on replica1")
+        tally = _workload(lb, args, out, cluster)
+    finally:
+        lb.close()
+    return _report(tally, out)
+
+
+def _say(out: TextIO, line: str) -> None:
+    print(line, file=out, flush=True)
 
 
 def _workload(
@@ -95,32 +181,35 @@ def _workload(
     keys = range(args.threads)
     prepare(lb, keys)
     lb.open()
-    print(
-        f"workload: {args.threads} threads of write-then-read cycles for {args.seconds:g}s",
-        file=out,
-    )
+    _say(out, f"workload: {args.threads} threads of write-then-read cycles for {args.seconds:g}s")
     until = time.monotonic() + args.seconds
+    stop = threading.Event()
     result: dict[str, Tally] = {}
     worker = threading.Thread(
-        target=lambda: result.setdefault("t", threaded(lb, keys, until=until))
+        target=lambda: result.setdefault("t", threaded(lb, keys, until=until, stop=stop)),
+        name="pgreplica-demo-workload",
     )
     worker.start()
-    if cluster is not None:
-        time.sleep(args.seconds * 0.35)
-        cluster.kill(2)
-        print(f"injected: replica2 killed at {args.seconds * 0.35:.1f}s", file=out)
-        time.sleep(args.seconds * 0.3)
-        cluster.start(2)
-        print(f"injected: replica2 restarted at {args.seconds * 0.65:.1f}s", file=out)
-    worker.join()
+    try:
+        if cluster is not None and cluster.replicas >= 2:
+            time.sleep(args.seconds * 0.35)
+            cluster.kill(2)
+            _say(out, f"injected: replica2 killed at {args.seconds * 0.35:.1f}s")
+            time.sleep(args.seconds * 0.3)
+            cluster.start(2)
+            _say(out, f"injected: replica2 restarted at {args.seconds * 0.65:.1f}s")
+        worker.join()
+    finally:  # interrupted (Ctrl-C): the threads end their cycle and stop
+        stop.set()
+        worker.join()
     if cluster is not None:  # the restarted replica rejoins after its next probe
         deadline = time.monotonic() + 10
         while any(h.state != "up" for h in lb.status()) and time.monotonic() < deadline:
             time.sleep(0.05)
-    print("hosts after the run:", file=out)
+    _say(out, "hosts after the run:")
     for status in lb.status():
         lag = "" if status.lag_bytes is None else f" lag {status.lag_bytes} B"
-        print(f"  {status.host:28} {status.role:8} {status.state}{lag}", file=out)
+        _say(out, f"  {status.host:28} {status.role:8} {status.state}{lag}")
     return result["t"]
 
 

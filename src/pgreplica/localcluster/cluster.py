@@ -262,6 +262,14 @@ class LocalCluster(_Servers):
             raise ClusterError(f"{self.name(replica)} is frozen: thaw it instead of starting it")
         self._start_server(replica)
 
+    def stop(self, index: int) -> None:
+        """Stop server ``index`` (0 = primary) cleanly (fast shutdown); a frozen one is
+        thawed first. Nothing to do when it is not running."""
+        self._check_server(index)
+        if self._postmaster_pid(index) is not None:
+            self._thaw(index)
+            self._stop_server(index, "fast")
+
     def freeze(self, replica: int) -> None:
         """Hang server ``replica`` (0 = primary): SIGSTOP the postmaster and its children.
 
@@ -325,6 +333,18 @@ class LocalCluster(_Servers):
 
     # ------------------------------------------------------------------ inspection
 
+    def running(self, index: int) -> bool:
+        """Whether server ``index`` (0 = primary) is running (frozen or not)."""
+        self._check_server(index)
+        return self._postmaster_pid(index) is not None
+
+    def apply_delay(self, replica: int) -> str:
+        """The apply delay set on ``replica`` (by :meth:`lag`), as :meth:`lag` takes it:
+        ``"0"`` or ``"300ms"``. A stopped replica gets it when it starts."""
+        self._check_replica(replica)
+        ms = parse_delay(self._read_server_conf(replica).get("recovery_min_apply_delay", "0"))
+        return format_delay(ms)
+
     def status(self) -> list[dict[str, object]]:
         """One dict per server: index, name, role, port, running, frozen, in_recovery,
         lsn (replay position on a replica, current position on a primary), paused,
@@ -357,8 +377,7 @@ class LocalCluster(_Servers):
                 "apply_delay": None,
             }
             if index > 0:
-                ms = parse_delay(self._read_server_conf(index).get("recovery_min_apply_delay", "0"))
-                row["apply_delay"] = format_delay(ms)
+                row["apply_delay"] = self.apply_delay(index)
             if running and not frozen:
                 rows = self._try_query(index, query, connect_timeout=3)
                 if rows:
