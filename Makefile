@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# DEMO_ARGS goes to pgreplica demo, e.g. make demo DEMO_ARGS="--port 6543 --seconds 20".
 demo: install
-	$(BIN)/pgreplica demo
+	$(BIN)/pgreplica demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/pytest
