@@ -54,7 +54,7 @@ Flag: TypeAlias = "bool | float | Callable[[str], bool] | None"
 """Per-job rollout: ``None``/``True`` on, ``False`` off, a percentage 0-100 of job runs,
 or a callable given the job's name (a feature-flag service)."""
 Headers: TypeAlias = "Mapping[str, str] | str | CausalToken | None"
-"""What :func:`capture` produced and the message carried (absent: ``None``)."""
+"""What :func:`~pgreplica.jobs.capture` produced and the message carried (absent: ``None``)."""
 
 
 class DataConsistency(str, enum.Enum):

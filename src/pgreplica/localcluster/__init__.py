@@ -12,9 +12,10 @@ each in its own data directory under one cluster directory::
 
 The servers listen on TCP only (no Unix sockets) and authenticate with SCRAM; every replica
 streams through its own physical replication slot, so a paused, delayed or stopped replica
-never loses WAL. Failures can be injected per replica: an apply delay (:meth:`lag`), a
-paused replay (:meth:`pause`), a crash (:meth:`kill`), a hung server that accepts TCP
-connections but never answers (:meth:`freeze`) and a failover (:meth:`promote`).
+never loses WAL. Failures can be injected per replica: an apply delay
+(:meth:`~LocalCluster.lag`), a paused replay (:meth:`~LocalCluster.pause`), a crash
+(:meth:`~LocalCluster.kill`), a hung server that accepts TCP connections but never
+answers (:meth:`~LocalCluster.freeze`) and a failover (:meth:`~LocalCluster.promote`).
 
 PostgreSQL refuses to run as root. When this process runs as root the servers run as the
 unprivileged system user ``postgres`` (the Debian/Ubuntu ``postgresql`` package creates
@@ -23,8 +24,8 @@ be traversable by it: ``/tmp/pgreplica-xyz`` works, pytest's ``tmp_path`` (under
 directory owned by root) does not. :func:`pgreplica.testing.make_cluster_directory`
 creates a suitable directory.
 
-Only Linux is supported: :meth:`freeze` and :meth:`thaw` find the server processes in
-``/proc``.
+Only Linux is supported: :meth:`~LocalCluster.freeze` and :meth:`~LocalCluster.thaw`
+find the server processes in ``/proc``.
 
 The package, one job a module: :mod:`~pgreplica.localcluster.binaries` (the server
 binaries and the user the servers run as), :mod:`~pgreplica.localcluster.ports` (free
