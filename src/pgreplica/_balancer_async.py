@@ -36,6 +36,8 @@ from pgreplica.balancer import (
     CHECKOUT_ERRORS,
     FUNCTIONS_SQL,
     OPERATORS_SQL,
+    POLL_FIRST,
+    POLL_MAX,
     POOL_ERRORS,
     RELATIONS_SQL,
     UNKNOWN_POSITION,
@@ -77,10 +79,6 @@ _Connect = Callable[[Host], Awaitable[AConn]]  # async-only
 _Release = Callable[[Host, AConn], Awaitable[None]]  # async-only
 # sync-only: _Connect = Callable[[Host], AConn]
 # sync-only: _Release = Callable[[Host, AConn], None]
-#: The adaptive catch-up wait polls the replicas expected to catch up this soon
-#: after the first check, then backs off (doubling) to _POLL_MAX.
-_POLL_FIRST = 0.0002
-_POLL_MAX = 0.05
 #: Reads on the primary that are not fallbacks: fallback_limit does not count them.
 _NOT_FALLBACK = frozenset({"primary_scope", "no_replicas"})
 _FALLBACK_POLL = 0.002
@@ -162,7 +160,7 @@ class AsyncLoadBalancer(BalancerBase):
             # `_opened` is set, concurrent first users all come through this path.
             deadline = time.monotonic() + self.settings.connect_timeout
             while not self._prober.first_round.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(_POLL_FIRST)
+                await asyncio.sleep(POLL_FIRST)
         self._opened = True
 
     async def close(self) -> None:
@@ -551,7 +549,7 @@ class AsyncLoadBalancer(BalancerBase):
         started = time.monotonic()
         held: list[tuple[Host, AConn]] = []
         found: tuple[Host, AConn] | None = None
-        delay = _POLL_FIRST
+        delay = POLL_FIRST
         waited = False
         try:
             for host in router.behind(route, need, excluded):
@@ -578,7 +576,7 @@ class AsyncLoadBalancer(BalancerBase):
                     break
                 waited = True
                 await asyncio.sleep(min(delay, started + max_wait - now))
-                delay = min(delay * 2, _POLL_MAX)
+                delay = min(delay * 2, POLL_MAX)
                 for host, conn in list(held):
                     found = await self._ask(held, host, conn, need, excluded, release)
                     if found is not None:

@@ -26,6 +26,8 @@ from pgreplica.balancer import (
     CHECKOUT_ERRORS,
     FUNCTIONS_SQL,
     OPERATORS_SQL,
+    POLL_FIRST,
+    POLL_MAX,
     POOL_ERRORS,
     RELATIONS_SQL,
     UNKNOWN_POSITION,
@@ -63,10 +65,6 @@ __all__ = ["LoadBalancer", "ReadConnection", "ReadCursor"]  # re-exported
 AConn = Connection[Any]
 _Connect = Callable[[Host], AConn]
 _Release = Callable[[Host, AConn], None]
-#: The adaptive catch-up wait polls the replicas expected to catch up this soon
-#: after the first check, then backs off (doubling) to _POLL_MAX.
-_POLL_FIRST = 0.0002
-_POLL_MAX = 0.05
 #: Reads on the primary that are not fallbacks: fallback_limit does not count them.
 _NOT_FALLBACK = frozenset({"primary_scope", "no_replicas"})
 _FALLBACK_POLL = 0.002
@@ -143,7 +141,7 @@ class LoadBalancer(BalancerBase):
             # `_opened` is set, concurrent first users all come through this path.
             deadline = time.monotonic() + self.settings.connect_timeout
             while not self._prober.first_round.is_set() and time.monotonic() < deadline:
-                time.sleep(_POLL_FIRST)
+                time.sleep(POLL_FIRST)
         self._opened = True
 
     def close(self) -> None:
@@ -470,7 +468,7 @@ class LoadBalancer(BalancerBase):
         started = time.monotonic()
         held: list[tuple[Host, AConn]] = []
         found: tuple[Host, AConn] | None = None
-        delay = _POLL_FIRST
+        delay = POLL_FIRST
         waited = False
         try:
             for host in router.behind(route, need, excluded):
@@ -497,7 +495,7 @@ class LoadBalancer(BalancerBase):
                     break
                 waited = True
                 time.sleep(min(delay, started + max_wait - now))
-                delay = min(delay * 2, _POLL_MAX)
+                delay = min(delay * 2, POLL_MAX)
                 for host, conn in list(held):
                     found = self._ask(held, host, conn, need, excluded, release)
                     if found is not None:

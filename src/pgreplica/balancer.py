@@ -41,6 +41,10 @@ __all__ = ["BalancerBase", "Router"]
 logger = logging.getLogger("pgreplica")
 routing_logger = logging.getLogger("pgreplica.routing")
 
+#: The adaptive catch-up wait polls the replicas expected to catch up this soon after
+#: the first check, then backs off (doubling) to POLL_MAX.
+POLL_FIRST = 0.0002
+POLL_MAX = 0.05
 #: Replay position of a standby, NULL on a server that is not in recovery.
 CHECK_SQL = "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END)::text"
 #: Commit and read the WAL insert position in one round trip.

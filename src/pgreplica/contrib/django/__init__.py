@@ -9,16 +9,17 @@ from pgreplica._extras import extra_imports
 with extra_imports("django", feature="pgreplica.contrib.django"):
     import django  # noqa: F401  (the modules below import the rest of it when used)
 
-from django.core import checks as _checks  # noqa: E402
+from django.core import checks as _checks
 
-from pgreplica.contrib.django.checks import check_settings  # noqa: E402
+from pgreplica.contrib.django.checks import check_settings
 from pgreplica.contrib.django.middleware import PgReplicaMiddleware
 from pgreplica.contrib.django.router import ReadReplicaRouter
 from pgreplica.contrib.django.settings import REPLICA_ALIAS, replica_databases
-from pgreplica.contrib.django.state import integration, reset_integration
+from pgreplica.contrib.django.state import integration, reset_integration, watch_connections
 from pgreplica.contrib.django.views import ReadReplicaMixin, read_replica, replica_reads
 
 _checks.register(check_settings, _checks.Tags.database)
+watch_connections()
 
 __all__ = [
     "REPLICA_ALIAS",

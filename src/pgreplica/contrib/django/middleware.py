@@ -27,7 +27,14 @@ from pgreplica.contrib._web import (
     sticking_for,
     sticking_secret,
 )
-from pgreplica.contrib.django.state import REQUEST, RequestState, integration, track_queries
+from pgreplica.contrib.django.state import (
+    REQUEST,
+    RequestState,
+    configured_aliases,
+    integration,
+    internal_query,
+    track_queries,
+)
 from pgreplica.lsn import CausalToken, parse_lsn
 
 logger = logging.getLogger("pgreplica.django")
@@ -36,7 +43,17 @@ logger = logging.getLogger("pgreplica.django")
 class PgReplicaMiddleware:
     def __init__(self, get_response: Any) -> None:
         from django.conf import settings
+        from django.core.exceptions import MiddlewareNotUsed
 
+        from pgreplica.contrib.django.checks import validate_at_startup
+
+        # Once per process, when the app starts: settings errors stop it here (gunicorn
+        # and uvicorn run no system checks), warnings are logged.
+        for warning in validate_at_startup():
+            logger.warning("pgreplica_check id=%s %s", warning.id, warning.msg)
+        if not configured_aliases()[1]:
+            # The kill switch (no replica alias): this middleware does nothing at all.
+            raise MiddlewareNotUsed("pgreplica: no replica alias is configured")
         self.get_response = get_response
         options = dict(getattr(settings, "PGREPLICA", {}) or {})
         self.cookie_name: str = options.get("TOKEN_COOKIE", COOKIE)
@@ -47,7 +64,11 @@ class PgReplicaMiddleware:
         self._exchange: TokenExchange | None = None
 
     def __call__(self, request: Any) -> Any:
-        lb = integration().lb
+        integ = integration()
+        if not integ.alias_of and not any(integ.mirrors_of.values()):
+            # PGREPLICA_ENABLED=false: every read is on the primary, no token to keep.
+            return self.get_response(request)
+        lb = integ.lb
         sticking = _sticking(self.sticking_spec, self.key)
         incoming = self._incoming(request, lb)
         state = RequestState()
@@ -111,9 +132,7 @@ class PgReplicaMiddleware:
         connection = connections[integ.primary_alias]
         if connection.in_atomic_block:
             return  # not committed yet: the outer code owns the transaction
-        with connection.cursor() as cursor:
-            cursor.execute(LSN_SQL)
-            row = cursor.fetchone()
+        row = internal_query(integ.primary_alias, LSN_SQL)
         if row and row[0]:
             record_write(primary_token(integ.route, parse_lsn(row[0])))
 

@@ -16,12 +16,20 @@ Otherwise the router returns the primary alias. Writes always go to the primary 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 from typing import Any
 
-from pgreplica.balancer import CHECK_SQL, UNKNOWN_POSITION
+from pgreplica.balancer import CHECK_SQL, POLL_FIRST, POLL_MAX, UNKNOWN_POSITION
 from pgreplica.context import current_state
-from pgreplica.contrib.django.state import REQUEST, configured_aliases, integration
+from pgreplica.contrib.django.state import (
+    REQUEST,
+    configured_aliases,
+    context_floor,
+    integration,
+    internal_query,
+)
+from pgreplica.health import Host
 from pgreplica.lsn import parse_lsn, replayed_through
 
 logger = logging.getLogger("pgreplica.django")
@@ -54,8 +62,9 @@ class ReadReplicaRouter:
             return lb.primary_alias
         database = lb.database_of(model) if lb.logical else lb.primary_alias
         if database == lb.primary_alias:
-            if state.alias is None:
+            if not state.decided:
                 state.alias = choose_replica(lb)
+                state.decided = True
             return state.alias or lb.primary_alias
         if database not in state.aliases:
             state.aliases[database] = choose_replica(lb, database)
@@ -88,9 +97,16 @@ class ReadReplicaRouter:
 
 
 def choose_replica(lb: Any, database: str | None = None) -> str | None:
-    """The alias of a replica that has replayed the context's token, or None. For a
-    logical database of ``PGREPLICA["DATABASES"]``, among the replicas its rollout
-    gives this request (drawn once per request)."""
+    """The alias of a replica that has replayed the context's token and every write
+    the context made outside a request (``OUTSIDE_REQUESTS``), or None. For a logical
+    database of ``PGREPLICA["DATABASES"]``, among the replicas its rollout gives this
+    request (drawn once per request).
+
+    Replicas the prober's cache cannot prove caught up are asked once each, on Django's
+    connections; then those expected to catch up within ``max_wait``
+    (:meth:`Host.hopeful`) are asked again with a short backoff until one has or
+    ``max_wait`` is over, as :meth:`LoadBalancer.read` does. A request calls this once
+    per logical database."""
     router = lb.lb._router
     route = lb.route if database is None else router.route(database)
     read_route = route
@@ -106,6 +122,7 @@ def choose_replica(lb: Any, database: str | None = None) -> str | None:
     need = router.required(route, state.token, state.grown_at)
     if need == UNKNOWN_POSITION:
         return None  # no replica can prove it: the primary serves it
+    need = max(need, context_floor(lb))
     candidates = router.caught_up(read_route, need, None)
     if candidates:
         host = candidates[router.next_index(len(candidates))]
@@ -115,19 +132,45 @@ def choose_replica(lb: Any, database: str | None = None) -> str | None:
         return str(mirrors[router.next_index(len(mirrors))])
     if not need:
         return None
-    from django.db import connections
+    found = _await_replica(lb, router.behind(read_route, need, set()), need)
+    return None if found is None else str(lb.alias_of[found])
 
-    for host in router.behind(read_route, need, set()):
-        alias = lb.alias_of[host]
-        try:
-            with connections[alias].cursor() as cursor:
-                cursor.execute(CHECK_SQL)
-                row = cursor.fetchone()
-        except Exception as exc:  # a sick replica: the prober will mark it down
-            logger.warning("db_routing_check_failed alias=%s error=%s", alias, type(exc).__name__)
-            continue
-        position = replayed_through(parse_lsn(row[0])) if row and row[0] else 0
-        host.note_replay_lsn(position)
-        if position >= need:
-            return str(alias)
+
+def _await_replica(lb: Any, hosts: list[Host], need: int) -> Host | None:
+    """The first of ``hosts`` that has replayed ``need``, asked directly; then the
+    hopeful ones polled until ``max_wait``."""
+    max_wait = lb.lb.settings.max_wait
+    started = time.monotonic()
+    waiting: list[Host] = []
+    for host in hosts:
+        if _replayed(lb, host, need):
+            return host
+        if max_wait > 0 and host.hopeful(max_wait):
+            waiting.append(host)
+    delay = POLL_FIRST
+    while waiting:
+        now = time.monotonic()
+        if now >= started + max_wait:
+            for host in waiting:
+                host.missed_at = now
+            return None
+        time.sleep(min(delay, started + max_wait - now))
+        delay = min(delay * 2, POLL_MAX)
+        for host in list(waiting):
+            if _replayed(lb, host, need):
+                return host
     return None
+
+
+def _replayed(lb: Any, host: Host, need: int) -> bool:
+    """Ask the replica (on Django's connection of its alias) whether it has replayed
+    ``need``; a failing replica answers no (the prober will mark it down)."""
+    alias = lb.alias_of[host]
+    try:
+        row = internal_query(alias, CHECK_SQL)
+    except Exception as exc:
+        logger.warning("db_routing_check_failed alias=%s error=%s", alias, type(exc).__name__)
+        return False
+    position = replayed_through(parse_lsn(row[0])) if row and row[0] else 0
+    host.note_replay_lsn(position)
+    return position >= need

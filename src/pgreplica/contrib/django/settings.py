@@ -7,6 +7,15 @@ The replica aliases exist only when ``READ_REPLICA_ENABLED`` is true and
 ``READ_REPLICA_DATABASE_URL`` (one replica), ``READ_REPLICA_DATABASE_URLS`` (comma
 separated) or ``PGREPLICA_CONFIG`` (a pgreplica TOML file: its first database's replicas)
 is set; otherwise this returns ``{}`` and the whole integration is a no-op.
+
+A bad value in one of these variables does not raise from ``settings.py`` (where it
+would end in a long traceback): the aliases are left out, and the error, naming the
+variable, is reported by the system check ``pgreplica.E002`` (``manage.py check``,
+``runserver``, ``migrate``) and raised by the middleware when the app starts. Pass
+``strict=True`` to raise at once instead.
+
+Replicas can also be ordinary ``DATABASES`` entries, named in ``PGREPLICA["REPLICAS"]``
+(see docs/django.md).
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ def replica_aliases(count: int) -> list[str]:
     return [REPLICA_ALIAS if i == 0 else f"{REPLICA_ALIAS}_{i + 1}" for i in range(count)]
 
 
+#: Errors of the environment variables met by :func:`replica_databases` (not strict),
+#: reported by the system checks and the middleware.
+ENV_ERRORS: list[ConfigError] = []
+
+
 def enabled(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     text = env.get("READ_REPLICA_ENABLED", "").strip().lower()
@@ -48,32 +62,62 @@ def enabled(env: Mapping[str, str] | None = None) -> bool:
 
 
 def replica_urls(env: Mapping[str, str] | None = None) -> list[str]:
+    return [url for url, _ in _sourced_urls(env)]
+
+
+def _sourced_urls(env: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    """Each replica URL with the variable it came from (``READ_REPLICA_DATABASE_URLS``
+    item 2 is ``READ_REPLICA_DATABASE_URLS[2]``), for errors that name what was set."""
     env = os.environ if env is None else env
     many = env.get("READ_REPLICA_DATABASE_URLS", "")
-    urls = [u.strip() for u in many.split(",") if u.strip()]
+    items = [u.strip() for u in many.split(",")]
+    urls = [
+        (
+            url,
+            f"READ_REPLICA_DATABASE_URLS[{i}]" if len(items) > 1 else "READ_REPLICA_DATABASE_URLS",
+        )
+        for i, url in enumerate(items, 1)
+        if url
+    ]
     one = env.get("READ_REPLICA_DATABASE_URL", "").strip()
-    if one and one not in urls:
-        urls.insert(0, one)
+    if one and one not in [u for u, _ in urls]:
+        urls.insert(0, (one, "READ_REPLICA_DATABASE_URL"))
     if not urls and env.get("PGREPLICA_CONFIG"):
         # The replicas of the first database of a pgreplica TOML file.
         from pgreplica.config import Settings
 
         settings = Settings.from_toml(env["PGREPLICA_CONFIG"], environ=env)
-        urls = [dsn.conninfo for dsn in settings.database(None).replicas]
+        urls = [(dsn.conninfo, "PGREPLICA_CONFIG") for dsn in settings.database(None).replicas]
     return urls
 
 
 def replica_databases(
-    default: Mapping[str, Any], env: Mapping[str, str] | None = None
+    default: Mapping[str, Any], env: Mapping[str, str] | None = None, *, strict: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Django database settings for each configured replica, copied from ``default``
-    (engine, options, timeouts) with the replica's connection parameters."""
+    (engine, options, timeouts) with the replica's connection parameters.
+
+    A bad variable raises :class:`~pgreplica.ConfigError` with ``strict``; otherwise it
+    is kept in :data:`ENV_ERRORS` for the system check ``pgreplica.E002`` and the
+    middleware, and no replica alias is returned."""
+    try:
+        return _replica_databases(default, env)
+    except ConfigError as exc:
+        if strict:
+            raise
+        ENV_ERRORS.append(exc)
+        return {}
+
+
+def _replica_databases(
+    default: Mapping[str, Any], env: Mapping[str, str] | None
+) -> dict[str, dict[str, Any]]:
     if not enabled(env):
         return {}
     databases: dict[str, dict[str, Any]] = {}
-    urls = replica_urls(env)
-    for alias, url in zip(replica_aliases(len(urls)), urls, strict=True):
-        Dsn(url, setting="READ_REPLICA_DATABASE_URL")  # validates; errors hide the password
+    urls = _sourced_urls(env)
+    for alias, (url, variable) in zip(replica_aliases(len(urls)), urls, strict=True):
+        Dsn(url, setting=variable)  # validates; errors hide the password
         params = conninfo_to_dict(url)
         entry = {k: v for k, v in default.items() if k not in ("TEST", *_DJANGO_KEYS.values())}
         options = dict(entry.get("OPTIONS") or {})

@@ -10,7 +10,7 @@ Per request: a :class:`RequestState` in a contextvar (threads and ASGI alike).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -41,6 +41,9 @@ class RequestState:
     """A write happened, or a fallback: the rest of the request reads the primary."""
     alias: str | None = None
     """The replica alias pinned for this request, once chosen."""
+    decided: bool = False
+    """Whether the primary alias's reads were placed: a request decides once (a replica
+    caught up, or the primary), not before every query."""
     wrote: bool = False
     read_primary: bool = False
     """A replica-enabled part of the request read the primary (a fallback): the next
@@ -63,9 +66,7 @@ class Integration:
         self.primary_alias: str = options.get("PRIMARY_ALIAS", "default")
         self.logical = logical_databases(options, databases)
         claimed = {a for db in self.logical.values() for a in db.aliases}
-        self.replica_aliases = [
-            a for a in databases if a == REPLICA_ALIAS or a.startswith(REPLICA_ALIAS + "_")
-        ]
+        self.replica_aliases = replicas_of_primary(options, databases)
         self.replica_aliases += [a for a in sorted(claimed) if a not in self.replica_aliases]
         primary = conninfo(databases[self.primary_alias])
         # In Django's test database a replica alias mirrors the primary (TEST MIRROR):
@@ -140,13 +141,23 @@ def configured_aliases() -> tuple[str, list[str]]:
     from django.conf import settings
 
     options = dict(getattr(settings, "PGREPLICA", {}) or {})
-    aliases = [
-        a for a in settings.DATABASES if a == REPLICA_ALIAS or a.startswith(REPLICA_ALIAS + "_")
-    ]
+    aliases = replicas_of_primary(options, settings.DATABASES)
     for entry in (options.get("DATABASES") or {}).values():
         if isinstance(entry, dict):
             aliases += [a for a in entry.get("REPLICAS") or () if a not in aliases]
     return options.get("PRIMARY_ALIAS", "default"), aliases
+
+
+def replicas_of_primary(options: dict[str, Any], databases: Collection[str]) -> list[str]:
+    """The primary alias's replica aliases: those from the environment
+    (``read_replica``, ``read_replica_2``, ...) and ``PGREPLICA["REPLICAS"]``, in that
+    order. Aliases ``REPLICAS`` names that ``DATABASES`` lacks are left out here (the
+    system check ``pgreplica.E006`` reports them)."""
+    aliases = [a for a in databases if a == REPLICA_ALIAS or a.startswith(REPLICA_ALIAS + "_")]
+    named = options.get("REPLICAS") or ()
+    if isinstance(named, (list, tuple)):
+        aliases += [a for a in named if a in databases and a not in aliases]
+    return aliases
 
 
 @dataclass(frozen=True)
@@ -271,3 +282,96 @@ def track_queries(state: RequestState) -> Iterator[None]:
             if alias in connections.databases:
                 stack.enter_context(connections[alias].execute_wrapper(wrapper(alias)))
         yield
+
+
+OUTSIDE_REQUESTS: ContextVar[tuple[int, bool]] = ContextVar(
+    "pgreplica_django_outside_requests", default=(0, False)
+)
+"""Writes the current thread (or task) committed on the primary outside any request:
+management commands, fixtures, ``setUp``, factories. ``(floor, pending)``: the primary's
+position after the last ones read back, and whether more committed since. The next
+routed read in the same context reads the position once (:func:`context_floor`), and
+no routed read of that context goes below it, as the core's token would do. Other
+threads are not held back: they never saw those writes."""
+
+
+def _outside_commit() -> None:
+    floor, _ = OUTSIDE_REQUESTS.get()
+    OUTSIDE_REQUESTS.set((floor, True))
+
+
+def context_floor(integ: Integration) -> int:
+    """The position a routed read of this context must see: past every write the
+    context committed outside a request. One query on the primary after new ones."""
+    floor, pending = OUTSIDE_REQUESTS.get()
+    if pending:
+        from pgreplica.balancer import LSN_SQL
+        from pgreplica.lsn import parse_lsn
+
+        row = internal_query(integ.primary_alias, LSN_SQL)
+        if row and row[0]:
+            floor = max(floor, parse_lsn(row[0]))
+        OUTSIDE_REQUESTS.set((floor, False))
+    return floor
+
+
+def internal_query(alias: str, sql: str) -> Any:
+    """The first row of pgreplica's own ``sql`` on Django's connection of ``alias``,
+    past Django's execute wrappers: it is not the application's query, so it is not
+    counted, tagged, classified as the request's write, or seen by ``served_by()``.
+    Errors are Django's (``OperationalError``...), as for any query."""
+    from django.db import connections
+
+    connection = connections[alias]
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchone()
+
+
+def _note_writes(connection: Any) -> Callable[..., Any]:
+    def run(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any) -> Any:
+        result = execute(sql, params, many, context)
+        text = sql if isinstance(sql, str) else str(sql)
+        if REQUEST.get() is None and not classify(text).replica:
+            # counted when it commits: at once in autocommit, else with the atomic block
+            if connection.in_atomic_block:
+                connection.on_commit(_outside_commit)
+            else:
+                _outside_commit()
+        return result
+
+    return run
+
+
+def on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+    """``connection_created``: watch the primary alias's connections for writes outside
+    requests; and before Django creates or drops a test database (its connection to the
+    maintenance database), let the integration's probe connections go, so that
+    ``DROP DATABASE`` finds no other user, with Django's own test runner and
+    pytest-django alike."""
+    from django.db.backends.base.base import NO_DB_ALIAS
+
+    if connection.alias == NO_DB_ALIAS:
+        if _integration is not None:
+            from django.db import connections
+
+            replicas = _integration.replica_aliases
+            reset_integration()
+            for alias in replicas:  # this thread's replica connections to the test database
+                if alias in connections.databases:
+                    connections[alias].close()
+        return
+    if getattr(connection, "_pgreplica_watched", False):
+        return
+    primary, replicas = configured_aliases()
+    if connection.alias == primary and replicas:
+        # first: a request's execute_wrapper() pops the last one when it ends
+        connection.execute_wrappers.insert(0, _note_writes(connection))
+        connection._pgreplica_watched = True
+
+
+def watch_connections() -> None:
+    from django.db.backends.signals import connection_created
+
+    connection_created.connect(on_connection_created, dispatch_uid="pgreplica.contrib.django")
