@@ -3,6 +3,10 @@
 Starts a local cluster (or uses ``--config``), delays replay on replica 1, kills replica 2
 for a moment halfway through, and runs write-then-read cycles from several threads. It
 prints where reads went and why, and ends with ``stale reads: N``, which must be 0.
+
+The cluster is a temporary one, removed at the end (``--port`` picks its ports), or the
+one in ``--dir``: a cluster found there is left as it was, also after an error or Ctrl-C
+(the apply delays it had, the servers that ran running, the others stopped again).
 """
 
 from __future__ import annotations
@@ -185,12 +189,14 @@ def _workload(
     until = time.monotonic() + args.seconds
     stop = threading.Event()
     result: dict[str, Tally] = {}
+    # A daemon, like the threads it starts: an interrupted demo never waits for them.
     worker = threading.Thread(
         target=lambda: result.setdefault("t", threaded(lb, keys, until=until, stop=stop)),
         name="pgreplica-demo-workload",
+        daemon=True,
     )
-    worker.start()
     try:
+        worker.start()
         if cluster is not None and cluster.replicas >= 2:
             time.sleep(args.seconds * 0.35)
             cluster.kill(2)
@@ -201,7 +207,8 @@ def _workload(
         worker.join()
     finally:  # interrupted (Ctrl-C): the threads end their cycle and stop
         stop.set()
-        worker.join()
+        if worker.is_alive():
+            worker.join()
     if cluster is not None:  # the restarted replica rejoins after its next probe
         deadline = time.monotonic() + 10
         while any(h.state != "up" for h in lb.status()) and time.monotonic() < deadline:
