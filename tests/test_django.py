@@ -390,7 +390,15 @@ def test_pytest_django_and_kill_switch_in_a_fresh_process(fresh_cluster: LocalCl
         "from pgreplica.contrib.django.testing import assert_served_by_primary;"
         "cm = assert_served_by_primary(); cm.__enter__();"
         "assert Client().get('/api/signatures/').status_code == 200;"
-        "cm.__exit__(None, None, None); print('no-op ok')"
+        "cm.__exit__(None, None, None);"
+        "from pgreplica.contrib.django.testing import served_by;"
+        "cm = served_by(); seen = cm.__enter__();"
+        "r = Client().post('/api/tags/', {'name': 'off'}, content_type='application/json');"
+        "cm.__exit__(None, None, None);"
+        "assert r.status_code == 201, r.status_code;"
+        "assert 'X-PgReplica-Token' not in r.headers and 'pgreplica_token' not in r.cookies;"
+        "assert seen and set(seen) == {'default'}, seen;"
+        "print('no-op ok')"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -544,3 +552,142 @@ def test_models_mapped_to_a_logical_database_read_its_replicas_behind_a_rollout(
             integration()
     finally:
         reset_integration()
+
+
+@pytest.mark.parametrize("replicas", ["mirroring the primary", "real, 300 ms behind"])
+def test_a_drf_suite_passes_with_django_s_own_runner(
+    project: None, healthy_cluster: LocalCluster, replicas: str
+) -> None:
+    """examples/django_perf/perf/tests.py (rows made in setUp, then requests) under
+    ``manage.py test`` with Django's default runner, the replica URLs pointing at the
+    primary and at real replicas that replay 300 ms late: it passes both ways, and the
+    test database is dropped at the end (the probe connections were let go)."""
+    name = f"drf_suite_{uuid.uuid4().hex[:8]}"
+    real = replicas.startswith("real")
+
+    def url(index: int) -> str:
+        return healthy_cluster.dsn(index).rsplit("/", 1)[0] + f"/{name}"
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PGREPLICA_")}
+    env = {
+        **environ,
+        "DATABASE_URL": url(0),
+        "READ_REPLICA_ENABLED": "true",
+        "READ_REPLICA_DATABASE_URLS": f"{url(1)},{url(2)}" if real else f"{url(0)},{url(0)}",
+        "DJANGO_SETTINGS_MODULE": "django_perf.settings",
+        "PERF_TESTS_REAL_REPLICAS": "1" if real else "0",
+    }
+    if real:
+        for replica in (1, 2):
+            healthy_cluster.lag(replica, "300ms")
+    try:
+        result = subprocess.run(
+            [sys.executable, "manage.py", "test", "perf", "-v", "2"],
+            cwd=EXAMPLE,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        if real:
+            for replica in (1, 2):
+                healthy_cluster.lag(replica, 0)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-20000:]
+    assert "Ran 10 tests" in output and "OK" in output, output[-5000:]
+    assert ("skipped" in output) != real, output[-5000:]
+    assert "accessed by other users" not in output and "Traceback" not in output, output
+    assert "Destroying test database for alias 'default'" in output, output
+    assert not healthy_cluster.execute(
+        0, f"SELECT 1 FROM pg_database WHERE datname = 'test_{name}'"
+    ), "the test database was left behind"
+
+
+def test_a_request_asks_lagging_replicas_once_not_before_every_query(
+    project: None, healthy_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row written outside a request, then three reads in one replica-enabled block
+    while the replicas replay 300 ms late: the replicas are asked (and waited for, at
+    most ``max_wait``) before the first read only; all three read the primary."""
+    from perf.models import Signature
+
+    from pgreplica.balancer import CHECK_SQL
+    from pgreplica.contrib.django import replica_reads, router
+    from pgreplica.contrib.django.testing import served_by
+
+    checks: list[str] = []
+    real_query = router.internal_query
+
+    def counting(alias: str, sql: str) -> Any:
+        if sql == CHECK_SQL:
+            checks.append(alias)
+        return real_query(alias, sql)
+
+    monkeypatch.setattr(router, "internal_query", counting)
+    for replica in (1, 2):
+        healthy_cluster.lag(replica, "300ms")
+    try:
+        name = new_name("once")
+        Signature.objects.create(name=name)
+        with replica_reads(), served_by() as seen:
+            assert Signature.objects.filter(name=name).exists()
+            first = len(checks)
+            assert Signature.objects.filter(name=name).count() == 1
+            assert Signature.objects.get(name=name).name == name
+    finally:
+        for replica in (1, 2):
+            healthy_cluster.lag(replica, 0)
+    assert seen == ["default", "default", "default"], seen
+    assert first >= 1 and len(checks) == first, checks
+    assert set(checks) <= {"read_replica", "read_replica_2"}, checks
+
+
+def test_the_one_shot_retry_needs_a_replica_and_no_write(
+    project: None, healthy_cluster: LocalCluster
+) -> None:
+    """The retry runs a view again on the primary only when a replica was involved and
+    nothing was written: an error with no replica behind it, or after a write, is
+    raised as it is, and the view ran once."""
+    from django.db import OperationalError
+    from perf.models import Signature, Tag
+
+    from pgreplica.contrib.django.testing import wait_for_replicas
+    from pgreplica.contrib.django.views import run_with_replica
+
+    wait_for_replicas()
+    calls: list[str] = []
+
+    def reads_then_fails() -> int:
+        calls.append("read")
+        count = Signature.objects.count()  # on a replica
+        if len(calls) == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return count
+
+    assert run_with_replica(reads_then_fails, "reads_then_fails") >= 0
+    assert calls == ["read", "read"]
+
+    def fails_before_any_query() -> None:
+        calls.append("nothing")
+        raise OperationalError("raised by the view itself")
+
+    calls.clear()
+    with pytest.raises(OperationalError, match="by the view itself"):
+        run_with_replica(fails_before_any_query, "fails_before_any_query")
+    assert calls == ["nothing"]
+
+    name = new_name("wrote")
+
+    def reads_writes_then_fails() -> None:
+        calls.append("write")
+        Signature.objects.count()  # on a replica
+        Tag.objects.create(name=name)
+        raise OperationalError("connection lost after the write")
+
+    calls.clear()
+    with pytest.raises(OperationalError, match="after the write"):
+        run_with_replica(reads_writes_then_fails, "reads_writes_then_fails")
+    assert calls == ["write"]
+    assert Tag.objects.filter(name=name).count() == 1

@@ -227,8 +227,14 @@ SETTINGS = """
 import os
 from pgreplica.contrib.django import replica_databases
 SECRET_KEY = "checks-test-not-secret"
-INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "perf"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes", "django.contrib.auth", "django.contrib.sessions",
+    "rest_framework", "perf",
+    "pgreplica.contrib.django",
+]
+REST_FRAMEWORK = {{"UNAUTHENTICATED_USER": None}}
 MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "pgreplica.contrib.django.PgReplicaMiddleware",
 ]
@@ -243,20 +249,14 @@ PGREPLICA = {pgreplica}
 """
 
 
-def write_project(tmp_path: Path, cluster: LocalCluster, pgreplica: str) -> Path:
+def write_project(tmp_path: Path, cluster: LocalCluster, pgreplica: str, extra: str = "") -> Path:
     from psycopg.conninfo import conninfo_to_dict
 
     params = conninfo_to_dict(cluster.dsn(0))
-    (tmp_path / "checks_settings.py").write_text(
-        textwrap.dedent(
-            SETTINGS.format(
-                port=params["port"],
-                user=params["user"],
-                password=params["password"],
-                pgreplica=pgreplica,
-            )
-        )
+    text = SETTINGS.format(
+        port=params["port"], user=params["user"], password=params["password"], pgreplica=pgreplica
     )
+    (tmp_path / "checks_settings.py").write_text(textwrap.dedent(text) + textwrap.dedent(extra))
     return tmp_path
 
 
@@ -324,3 +324,91 @@ def test_a_wsgi_worker_refuses_to_start_on_an_error(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("django.core.exceptions.ImproperlyConfigured: pgreplica:"), last
     assert "(pgreplica.E003)" in last
+
+
+# -- replicas declared in DATABASES, and manage.py pgreplica_status -----------------------
+
+DECLARED = """
+for alias, index in (("replica_a", 1), ("replica_b", 2)):
+    DATABASES[alias] = {
+        **DATABASES["default"], "PORT": os.environ[f"REPLICA_{index}_PORT"],
+        "TEST": {"MIRROR": "default"},
+    }
+"""
+
+SCRIPT = """
+import json, django
+django.setup()
+from django.test import Client
+from pgreplica.contrib.django import integration
+from pgreplica.contrib.django.testing import served_by, wait_for_replicas
+wait_for_replicas()
+with served_by() as listed:
+    assert Client().get("/api/signatures/").status_code == 200
+stale = 0
+for i in range(5):
+    created = Client().post("/api/signatures/", {"name": f"declared-{i}-NAME"},
+                            content_type="application/json")
+    token = created.headers["X-PgReplica-Token"]
+    with served_by() as seen:
+        got = Client().get(f"/api/signatures/{created.json()['id']}/",
+                           HTTP_X_PGREPLICA_TOKEN=token)
+    stale += got.status_code != 200
+print(json.dumps({"listed": listed, "stale": stale, "after_write": seen,
+                  "replicas": integration().replica_aliases}))
+"""
+
+
+def test_replicas_declared_in_databases_are_routed(
+    project: None, healthy_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """``PGREPLICA["REPLICAS"]`` names ordinary DATABASES entries: reads go to them, and
+    read-your-writes holds under 300 ms of lag, as with the environment's aliases."""
+    import json
+    import uuid
+
+    write_project(tmp_path, healthy_cluster, '{"REPLICAS": ["replica_a", "replica_b"]}', DECLARED)
+    env = django_env(
+        tmp_path,
+        healthy_cluster,
+        READ_REPLICA_ENABLED="false",
+        REPLICA_1_PORT=str(healthy_cluster.port(1)),
+        REPLICA_2_PORT=str(healthy_cluster.port(2)),
+    )
+    script = SCRIPT.replace("NAME", uuid.uuid4().hex[:8])
+    for replica in (1, 2):
+        healthy_cluster.lag(replica, "300ms")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        for replica in (1, 2):
+            healthy_cluster.lag(replica, 0)
+    assert result.returncode == 0, result.stderr[-5000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["replicas"] == ["replica_a", "replica_b"]
+    assert outcome["listed"] and set(outcome["listed"]) <= {"replica_a", "replica_b"}, outcome
+    assert outcome["stale"] == 0, outcome
+    assert outcome["after_write"] == ["default"], outcome  # the replicas are 300 ms behind
+
+    result = manage(env, "pgreplica_status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["HOST", "DATABASES", "ROLE", "STATE"], result.stdout
+    assert [line.split()[2:4] for line in lines[1:4]] == [
+        ["primary", "up"],
+        ["replica", "up"],
+        ["replica", "up"],
+    ], result.stdout
+    for alias in ("default", "replica_a", "replica_b"):
+        assert f"DATABASES alias {alias!r}" in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr and len(set(lines)) == len(lines), result.stdout
+    result = manage(env, "pgreplica_status", "--json")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["role"] for r in rows] == ["primary", "replica", "replica"], result.stdout

@@ -1,4 +1,5 @@
-"""Assertions for tests of Django code: which alias served a block of code.
+"""Helpers for tests of Django code: which alias served a block of code, and waiting
+for the replicas.
 
     with assert_served_by_replica():
         client.get("/api/signatures/")
@@ -6,14 +7,18 @@
         client.post("/api/alerts/", {...})
 
 They work in Django's TestCase, TransactionTestCase and pytest-django tests (declare the
-replica alias in ``databases``). Inside TestCase every test runs in a transaction on the
-primary that other connections cannot see, so reads stay on the primary there; use
+replica aliases in ``databases``). Inside TestCase every test runs in a transaction on
+the primary that other connections cannot see, so reads stay on the primary there; use
 TransactionTestCase (pytest-django: ``transaction=True``) to exercise replica routing.
 
-pgreplica's prober holds a connection to the (test) database: stop it before the test
-database is dropped, with :class:`PgReplicaTestRunner` (``TEST_RUNNER``) or, with
-pytest-django, a session fixture that depends on ``django_db_setup`` and calls
-:func:`~pgreplica.contrib.django.reset_integration` after its ``yield``.
+Against a real replica, a test suite behaves as with a replica alias that mirrors the
+primary: rows a test creates outside a request (fixtures, ``setUp``, factories) are seen
+by the requests it makes next, which read a replica that has replayed them or the
+primary (``OUTSIDE_REQUESTS``). To assert that a read *is* served by a replica after
+such writes, call :func:`wait_for_replicas` first.
+
+The integration lets its probe connections go when Django creates or drops a test
+database: Django's own test runner and pytest-django need no extra set-up.
 """
 
 from __future__ import annotations
@@ -67,6 +72,40 @@ def assert_served_by_primary() -> Iterator[list[str]]:
         raise AssertionError(f"expected queries on {primary!r} only, got {seen}")
 
 
+def wait_for_replicas(timeout: float = 10.0) -> None:
+    """Wait until every replica alias has replayed every write committed so far (the
+    primary's current position), so that the next routed reads may use any of them.
+    Raises ``AssertionError`` naming the replicas still behind after ``timeout``."""
+    import time
+
+    from pgreplica.balancer import CHECK_SQL, LSN_SQL
+    from pgreplica.contrib.django.state import OUTSIDE_REQUESTS, internal_query
+    from pgreplica.lsn import parse_lsn, replayed_through
+
+    integ = integration()
+    row = internal_query(integ.primary_alias, LSN_SQL)
+    need = parse_lsn(row[0])
+    deadline = time.monotonic() + timeout
+    behind = dict(integ.host_of)
+    while behind:
+        for alias, host in list(behind.items()):
+            row = internal_query(alias, CHECK_SQL)
+            position = replayed_through(parse_lsn(row[0])) if row and row[0] else 0
+            host.note_replay_lsn(position)
+            if position >= need:
+                del behind[alias]
+        if behind and time.monotonic() > deadline:
+            raise AssertionError(
+                f"replicas {sorted(behind)} did not replay the primary's position within "
+                f"{timeout} s"
+            )
+        if behind:
+            time.sleep(0.01)
+    # The writes waited for are the floor of this context's next routed reads.
+    floor, _ = OUTSIDE_REQUESTS.get()
+    OUTSIDE_REQUESTS.set((max(floor, need), False))
+
+
 def _runner_base() -> Any:
     from django.test.runner import DiscoverRunner
 
@@ -74,7 +113,9 @@ def _runner_base() -> Any:
 
 
 class PgReplicaTestRunner(_runner_base()):  # type: ignore[misc]  # Django ships no types
-    """Django's test runner, stopping pgreplica's prober before the test databases go."""
+    """Django's test runner, stopping pgreplica's prober before the test databases go.
+    No longer needed (the integration does it by itself); kept for settings that name
+    it."""
 
     def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
         from pgreplica.contrib.django.state import reset_integration

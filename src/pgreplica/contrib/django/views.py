@@ -2,10 +2,15 @@
 REST framework viewsets), ``@read_replica`` (function views) and ``replica_reads()``.
 
 Only GET, HEAD and OPTIONS are routed; POST, PUT, PATCH and DELETE never are. The request
-state lives in a contextvar and is cleared when the view returns or raises. If the
-replica fails with ``OperationalError`` or ``InterfaceError``, the view runs once more
-on the primary and a WARNING ``db_routing_fallback`` is logged. When no replica alias is
-configured, all of this is a true no-op.
+state lives in a contextvar and is cleared when the view returns or raises. When no
+replica alias is configured, all of this is a true no-op.
+
+The one-shot retry: if the view raises ``OperationalError`` or ``InterfaceError`` after
+a replica was chosen for it or served one of its queries, and it wrote nothing, it runs
+once more with every read on the primary, and a WARNING ``db_routing_fallback`` is
+logged. An error with no replica involved (the primary's, or the view's own) is raised
+as it is: running the view again on the primary would not help, and would double the
+primary's load just when it is failing. A view that wrote is never run twice.
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ def run_with_replica(call: Callable[[], Any], where: str) -> Any:
             response = call()
         except (OperationalError, InterfaceError) as exc:
             replica_aliases = set(integration().replica_aliases)
-            if not state.served & replica_aliases and state.alias is None:
-                raise
+            if state.wrote or (not state.served & replica_aliases and state.alias is None):
+                raise  # no replica to blame, or a write that must not run twice
             fallback_to_primary(state, exc, where)
             return call()
         if state.served & set(integration().replica_aliases):
