@@ -4,6 +4,8 @@ a replica. Configured entirely from the environment:
 - DATABASE_URL: the primary (``postgresql://user:pass@host:port/dbname``)
 - READ_REPLICA_ENABLED=true and READ_REPLICA_DATABASE_URL (or ..._URLS, comma
   separated): the replicas. Unset or false: no replica alias, everything on the primary.
+- Without DATABASE_URL, PGREPLICA_CONFIG (``pgreplica cluster up`` writes one): the
+  primary and the replicas of its first database, database ``django_perf`` on each.
 - REDIS_URL: the channel layer of the live updates (``/ws/signatures/``) is
   channels-redis there; unset, an in-memory layer (one process only).
 """
@@ -53,8 +55,25 @@ def _database(url: str) -> dict[str, object]:
     }
 
 
-DATABASES = {"default": _database(os.environ.get("DATABASE_URL", "postgresql:///django_perf"))}
-DATABASES.update(replica_databases(DATABASES["default"]))
+def _local_cluster(name: str) -> tuple[str, dict[str, str]]:
+    """The primary's URL and the replicas' (as READ_REPLICA_DATABASE_URLS) from a
+    pgreplica TOML file, with database ``name``."""
+    from psycopg.conninfo import make_conninfo
+
+    from pgreplica.config import Settings
+
+    database = Settings.from_toml(os.environ["PGREPLICA_CONFIG"]).database(None)
+    replicas = ",".join(make_conninfo(r.conninfo, dbname=name) for r in database.replicas)
+    env = {**os.environ, "READ_REPLICA_DATABASE_URLS": replicas}
+    return make_conninfo(database.primary.conninfo, dbname=name), env
+
+
+_env = None
+_primary = os.environ.get("DATABASE_URL")
+if not _primary and os.environ.get("PGREPLICA_CONFIG"):
+    _primary, _env = _local_cluster("django_perf")
+DATABASES = {"default": _database(_primary or "postgresql:///django_perf")}
+DATABASES.update(replica_databases(DATABASES["default"], env=_env))
 DATABASE_ROUTERS = ["pgreplica.contrib.django.ReadReplicaRouter"]
 
 PGREPLICA = {
