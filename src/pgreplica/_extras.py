@@ -12,7 +12,7 @@ Features switched on at run time call :func:`require` when they start.
 from __future__ import annotations
 
 import contextlib
-import importlib
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -68,9 +68,10 @@ class MissingExtraSetting(MissingExtra, ConfigError):
         return MissingExtra.__str__(self)
 
 
-def _missing(exc: ImportError, extra: str) -> str | None:
-    """The module of ``extra`` whose absence ``exc`` reports, or None if it is another."""
-    name = exc.name or ""
+def _missing(exc: ImportError, extra: str, importing: str | None = None) -> str | None:
+    """The module of ``extra`` whose absence ``exc`` reports, or None if it is another.
+    An error that names no module is taken to be about ``importing``, if given."""
+    name = exc.name or importing or ""
     return name if name.partition(".")[0] in _EXTRAS[extra] else None
 
 
@@ -96,10 +97,11 @@ def require(module: str, *, extra: str, feature: str, setting: bool = False) -> 
     if extra not in _EXTRAS:
         raise ValueError(f"no extra {extra!r} in pyproject.toml")
     try:
-        return importlib.import_module(module)
+        __import__(module)  # not importlib: an import hook on builtins sees it too
     except ImportError as exc:
-        missing = _missing(exc, extra)
+        missing = _missing(exc, extra, module)
         if missing is None:
             raise
         error = MissingExtraSetting if setting else MissingExtra
         raise error(feature, missing, extra) from exc
+    return sys.modules[module]
