@@ -467,7 +467,9 @@ def test_unknown_option_and_database_suggest_the_known_one() -> None:
     settings = Settings.from_dict(one_db(), environ=NO_ENV)
     with pytest.raises(ConfigError, match=r"did you mean 'max_lag_bytes'\?"):
         settings.with_options(max_lagbytes=1)
-    with pytest.raises(ConfigError, match=r"no database 'mian' \(did you mean 'main'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"no database 'mian' \(configured: main\): did you mean 'main'\?"
+    ):
         settings.database("mian")
 
 

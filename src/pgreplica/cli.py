@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pgreplica import dump as dump_module
 
     dump_module.add_arguments(dump)
-    dump.set_defaults(handler=dump_module.run)
+    # docs/dump.md: exit status 1 for every error, a bad configuration included.
+    dump.set_defaults(handler=dump_module.run, config_error_exit=EXIT_FAILURE)
     check = commands.add_parser(
         "check",
         help="where each database's reads and writes go, and the tag the server received",
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (UsageError, ConfigError) as exc:
         _fail(str(exc))
-        return EXIT_USAGE
+        return int(getattr(args, "config_error_exit", EXIT_USAGE))
     except (ClusterError, PgReplicaError, psycopg.Error, OSError) as exc:
         _fail(_one_line(exc))
         return EXIT_FAILURE

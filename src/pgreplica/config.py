@@ -252,8 +252,11 @@ class Settings:
             return self.databases[name]
         except KeyError:
             known = ", ".join(self.databases)
-            hint = _did_you_mean(name, self.databases) or f" (configured: {known})"
-            raise ConfigError("database", f"no database {name!r}{hint}") from None
+            close = _closest(name, self.databases)
+            hint = f": did you mean {close!r}?" if close else ""
+            raise ConfigError(
+                "database", f"no database {name!r} (configured: {known}){hint}"
+            ) from None
 
     # -- loaders --------------------------------------------------------------------
 
