@@ -284,35 +284,57 @@ def track_queries(state: RequestState) -> Iterator[None]:
         yield
 
 
-OUTSIDE_REQUESTS: ContextVar[tuple[int, bool]] = ContextVar(
-    "pgreplica_django_outside_requests", default=(0, False)
+class OutsideRequests:
+    """Writes committed on the primary outside any request (management commands,
+    fixtures, ``setUp``, factories): ``floor`` is the primary's position read after
+    the last ones, ``pending`` whether more committed since. Kept in
+    :data:`OUTSIDE_REQUESTS`: contexts copied from the one that wrote (the threads
+    Django runs an ASGI request's sync code in, for one) share it, so the position is
+    read once for all of them, not once per request."""
+
+    __slots__ = ("floor", "pending")
+
+    def __init__(self) -> None:
+        self.floor = 0
+        self.pending = False
+
+
+OUTSIDE_REQUESTS: ContextVar[OutsideRequests | None] = ContextVar(
+    "pgreplica_django_outside_requests", default=None
 )
-"""Writes the current thread (or task) committed on the primary outside any request:
-management commands, fixtures, ``setUp``, factories. ``(floor, pending)``: the primary's
-position after the last ones read back, and whether more committed since. The next
-routed read in the same context reads the position once (:func:`context_floor`), and
-no routed read of that context goes below it, as the core's token would do. Other
-threads are not held back: they never saw those writes."""
+"""The writes outside requests of the current context (thread or task) and of the
+contexts it was copied from. The next routed read reads the primary's position once
+after new ones (:func:`context_floor`), and no routed read goes below it, as the core's
+token would do. Contexts that never saw those writes are not held back."""
 
 
 def _outside_commit() -> None:
-    floor, _ = OUTSIDE_REQUESTS.get()
-    OUTSIDE_REQUESTS.set((floor, True))
+    state = OUTSIDE_REQUESTS.get()
+    if state is None:
+        state = OutsideRequests()
+        OUTSIDE_REQUESTS.set(state)
+    state.pending = True
 
 
 def context_floor(integ: Integration) -> int:
     """The position a routed read of this context must see: past every write the
     context committed outside a request. One query on the primary after new ones."""
-    floor, pending = OUTSIDE_REQUESTS.get()
-    if pending:
+    state = OUTSIDE_REQUESTS.get()
+    if state is None:
+        return 0
+    if state.pending:
         from pgreplica.balancer import LSN_SQL
         from pgreplica.lsn import parse_lsn
 
-        row = internal_query(integ.primary_alias, LSN_SQL)
+        state.pending = False  # first: a commit from now on is read at the next read
+        try:
+            row = internal_query(integ.primary_alias, LSN_SQL)
+        except BaseException:
+            state.pending = True
+            raise
         if row and row[0]:
-            floor = max(floor, parse_lsn(row[0]))
-        OUTSIDE_REQUESTS.set((floor, False))
-    return floor
+            state.floor = max(state.floor, parse_lsn(row[0]))
+    return state.floor
 
 
 def internal_query(alias: str, sql: str) -> Any:

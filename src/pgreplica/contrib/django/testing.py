@@ -83,6 +83,9 @@ def wait_for_replicas(timeout: float = 10.0) -> None:
     from pgreplica.lsn import parse_lsn, replayed_through
 
     integ = integration()
+    outside = OUTSIDE_REQUESTS.get()
+    if outside is not None:
+        outside.pending = False  # what committed so far is waited for below
     row = internal_query(integ.primary_alias, LSN_SQL)
     need = parse_lsn(row[0])
     deadline = time.monotonic() + timeout
@@ -101,9 +104,8 @@ def wait_for_replicas(timeout: float = 10.0) -> None:
             )
         if behind:
             time.sleep(0.01)
-    # The writes waited for are the floor of this context's next routed reads.
-    floor, _ = OUTSIDE_REQUESTS.get()
-    OUTSIDE_REQUESTS.set((max(floor, need), False))
+    if outside is not None:  # the writes waited for are the floor of the next reads
+        outside.floor = max(outside.floor, need)
 
 
 def _runner_base() -> Any:
