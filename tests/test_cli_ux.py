@@ -181,6 +181,39 @@ def test_status_with_a_replica_down_shows_no_lag_and_each_error_once(
     assert up[0]["state"] == "up" and isinstance(up[0]["lag_bytes"], int)
 
 
+def test_a_replica_that_goes_down_has_no_lag_in_lb_status(healthy_cluster: LocalCluster) -> None:
+    """At the source: ``lb.status()`` (and so metrics and ``manage.py
+    pgreplica_status``) reports no lag for a replica that was up and went down, rather
+    than one computed from its last, stale replay position."""
+    from pgreplica import LoadBalancer
+    from pgreplica.workload import wait_until
+
+    config = {
+        "databases": {
+            "main": {
+                "primary": healthy_cluster.dsn(0),
+                "replicas": [healthy_cluster.dsn(1), healthy_cluster.dsn(2)],
+            }
+        },
+        "probe_interval": 0.1,
+    }
+    with LoadBalancer(config=config) as lb:
+        lb.open(wait=True)
+        wait_until(lambda: all(s.state == "up" for s in lb.status()), timeout=15, what="up")
+        assert all(s.lag_bytes is not None for s in lb.status() if s.role == "replica")
+        healthy_cluster.execute(0, "SELECT pg_switch_wal()")  # the primary moves on
+        healthy_cluster.kill(2)
+        label = f"127.0.0.1:{healthy_cluster.port(2)}/postgres"
+
+        def down() -> bool:
+            return any(s.host == label and s.state == "down" for s in lb.status())
+
+        wait_until(down, timeout=15, what="replica 2 down")
+        row = next(s for s in lb.status() if s.host == label)
+        assert row.replay_lsn is not None  # it had been probed
+        assert (row.lag_bytes, row.lag_seconds) == (None, None)
+
+
 def test_format_hosts_renders_a_balancer_status(healthy_cluster: LocalCluster) -> None:
     dead = f"postgresql://postgres:{SECRET}@127.0.0.1:1/postgres"
     config = {"databases": {"main": {"primary": healthy_cluster.dsn(0), "replicas": [dead]}}}

@@ -413,10 +413,6 @@ def _status_main(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(s.state == "down" for s in rows) else 0
 
 
-_LAG_UNKNOWN = frozenset(("down", "half_open", "unknown"))
-"""Host states whose lag is unknown: the replay LSN is stale (or was never probed)."""
-
-
 def format_hosts(rows: Sequence[HostStatus], *, as_json: bool) -> str:
     """``lb.status()`` as ``pgreplica status`` shows it: a table followed by one line per
     host error, or (``as_json``) one JSON object per host and line. The lag of a host
@@ -427,7 +423,7 @@ def format_hosts(rows: Sequence[HostStatus], *, as_json: bool) -> str:
     header = ("HOST", "DATABASES", "ROLE", "STATE", "REPLAY LSN", "LAG BYTES", "LAG SECONDS")
     table = [header]
     for s in rows:
-        lag_bytes, lag_seconds = _lag(s)
+        lag_bytes, lag_seconds = s.lag_bytes, s.lag_seconds  # None when unknown
         table.append(
             (
                 s.host,
@@ -448,14 +444,8 @@ def format_hosts(rows: Sequence[HostStatus], *, as_json: bool) -> str:
     return "\n".join(lines)
 
 
-def _lag(row: HostStatus) -> tuple[int | None, float | None]:
-    if row.state in _LAG_UNKNOWN:
-        return None, None
-    return row.lag_bytes, row.lag_seconds
-
-
 def _host_json(row: HostStatus) -> dict[str, object]:
-    lag_bytes, lag_seconds = _lag(row)
+    lag_bytes, lag_seconds = row.lag_bytes, row.lag_seconds
     return {
         "host": row.host,
         "databases": list(row.databases),

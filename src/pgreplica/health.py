@@ -285,14 +285,17 @@ class Host:
             state = "lagging"
         else:
             state = self.state.value
+        # A host that is down, half-open or not probed yet has no known lag: its replay
+        # position is stale (status, metrics and the CLI show none).
+        known = state in ("up", "lagging")
         return HostStatus(
             host=self.label,
             role=self.role,
             state=state,
             databases=self.databases,
             replay_lsn=_fmt(self.replay_lsn) if self.replay_lsn else None,
-            lag_bytes=self.lag_bytes,
-            lag_seconds=self.lag_seconds,
+            lag_bytes=self.lag_bytes if known else None,
+            lag_seconds=self.lag_seconds if known else None,
             last_error=self.last_error,
         )
 
