@@ -523,3 +523,26 @@ def test_missing_extra_errors_pickle() -> None:
         assert type(copy) is type(error)
         assert str(copy) == str(error) and copy.name == error.name
     assert isinstance(copy, ConfigError) and copy.setting == "metrics"
+
+
+def test_cluster_createdb_creates_once_and_the_replicas_have_it(
+    healthy_cluster: LocalCluster,
+) -> None:
+    name = "createdb-test"
+    directory = str(healthy_cluster.directory)
+    try:
+        first = run(["cluster", "createdb", name, "--dir", directory])
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.strip() == (
+            f"database {name!r} created, on the primary and every replica"
+        )
+        again = run(["cluster", "createdb", name, "--dir", directory])
+        assert again.returncode == 0 and "already there" in again.stdout
+        for index in (1, 2):  # replayed before the command returned
+            assert healthy_cluster.execute(
+                index, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"
+            ) == [(1,)]
+        bad = run(["cluster", "createdb", "x" * 64, "--dir", directory])
+        assert "not a database name" in assert_one_line_error(bad, 1)
+    finally:
+        healthy_cluster.execute(0, f'DROP DATABASE IF EXISTS "{name}"')

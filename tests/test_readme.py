@@ -81,3 +81,43 @@ def test_the_quickstart_runs_as_written(work_directory: Path) -> None:
     # lb.status() lists the primary and both replicas of the session cluster.
     assert result.stdout.count("role='replica', state='up'") == 2
     assert "reason='sequence_function'" in result.stdout
+
+
+DJANGO_DOC = README.parent / "docs" / "django.md"
+
+
+def test_the_django_example_commands_run_as_written(work_directory: Path, project: None) -> None:
+    """docs/django.md's example commands (between ``django-example`` markers), from a
+    directory laid out like the repository's root whose ``.pgreplica-cluster`` is the
+    session cluster: the cluster, its database, migrate, check, pgreplica_status and
+    the example's own DRF suite under Django's test runner."""
+    text = DJANGO_DOC.read_text(encoding="utf-8")
+    begin, end = "<!-- django-example:begin -->", "<!-- django-example:end -->"
+    section = text[text.index(begin) + len(begin) : text.index(end)]
+    [(language, shell)] = FENCE.findall(section)
+    assert language == "sh"
+    (work_directory / "examples").symlink_to(README.parent / "examples")
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("PGREPLICA_", "READ_REPLICA_", "DJANGO_", "DATABASE_URL"))
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+
+    result = subprocess.run(
+        ["bash", "-e", "-c", shell],
+        cwd=work_directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-8000:]
+    assert "database 'django_perf'" in output
+    assert "System check identified no issues" in output, output[-5000:]
+    assert output.count("replica ") >= 2 and "DATABASES alias 'read_replica_2'" in output
+    assert "Ran 10 tests" in output and "OK" in output, output[-5000:]
+    assert "Traceback" not in output

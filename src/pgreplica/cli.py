@@ -300,6 +300,8 @@ def _add_cluster_commands(commands: argparse._SubParsersAction[_Parser]) -> None
     replica_action("thaw", "undo freeze: SIGCONT all its processes", primary_too=True)
     replica_action("promote", "promote a replica to a primary")
     action("destroy", "stop every server and remove the cluster directory")
+    createdb = action("createdb", "create a database on the primary, replayed by the replicas")
+    createdb.add_argument("name", metavar="NAME", help="the database's name")
 
 
 def _cluster_main(args: argparse.Namespace) -> int:
@@ -315,6 +317,10 @@ def _cluster_main(args: argparse.Namespace) -> int:
     elif action == "destroy":
         cluster.destroy()
         print(f"removed {cluster.directory}")
+    elif action == "createdb":
+        created = cluster.create_database(args.name)
+        state = "created" if created else "already there"
+        print(f"database {args.name!r} {state}, on the primary and every replica")
     else:
         replica_handlers: dict[str, Callable[[int], None]] = {
             "pause": cluster.pause,

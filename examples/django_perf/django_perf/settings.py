@@ -29,6 +29,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "rest_framework",
     "perf",
+    "pgreplica.contrib.django",  # manage.py pgreplica_status
 ]
 MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",

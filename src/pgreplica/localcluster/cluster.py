@@ -395,6 +395,21 @@ class LocalCluster(_Servers):
             cur.execute(sql)
             return cur.fetchall() if cur.description is not None else []
 
+    def create_database(self, name: str) -> bool:
+        """Create database ``name`` on the primary unless it exists, and wait until
+        every running replica has replayed it. True if it was created."""
+        from psycopg import sql
+
+        if not name or len(name.encode()) > 63 or "\x00" in name:
+            raise ClusterError(f"not a database name: {name[:70]!r} (1 to 63 bytes)")
+        with self._connect(0, connect_timeout=10) as conn:
+            row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            exists = row.fetchone() is not None
+            if not exists:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.wait_replayed()
+        return not exists
+
     def wait_replayed(
         self,
         lsn: str | None = None,
