@@ -546,3 +546,35 @@ def test_cluster_createdb_creates_once_and_the_replicas_have_it(
         assert "not a database name" in assert_one_line_error(bad, 1)
     finally:
         healthy_cluster.execute(0, f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_cluster_createdb_waits_only_for_the_replicas_that_replay_at_once(
+    healthy_cluster: LocalCluster,
+) -> None:
+    c = healthy_cluster
+    name = "createdb-held"
+    c.lag(1, "1min")  # waiting for it would take a minute
+    c.pause(2)  # waiting for it would never end
+    try:
+        started = time.monotonic()
+        result = run(["cluster", "createdb", name, "--dir", str(c.directory)])
+        assert time.monotonic() - started < 50  # generous; not the 1 min of the delay
+        assert (result.returncode, result.stderr) == (0, "")
+        assert result.stdout == (
+            f"database {name!r} created on the primary; replica1 replays it later"
+            " (apply delay 60000ms), replica2 replays it later (replay paused)\n"
+        )
+        assert c.execute(0, f"SELECT 1 FROM pg_database WHERE datname = '{name}'") == [(1,)]
+        assert c.execute(2, f"SELECT 1 FROM pg_database WHERE datname = '{name}'") == []
+        c.lag(1, 0)
+        c.resume(2)
+        c.kill(2)  # and a replica that is down: not waited for either
+        again = run(["cluster", "createdb", name, "--dir", str(c.directory)])
+        assert (again.returncode, again.stderr) == (0, "")
+        assert again.stdout == (
+            f"database {name!r} already there on the primary; replica2 replays it later (stopped)\n"
+        )
+        assert c.execute(1, f"SELECT 1 FROM pg_database WHERE datname = '{name}'") == [(1,)]
+    finally:
+        c.heal()
+        c.execute(0, f'DROP DATABASE IF EXISTS "{name}"')

@@ -287,3 +287,27 @@ def test_cli_up_status_down(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         if directory.exists():
             LocalCluster.load(directory).destroy()
+
+
+def test_replay_holdups_name_the_replicas_that_do_not_replay_at_once(
+    healthy_cluster: LocalCluster,
+) -> None:
+    c = healthy_cluster
+    assert c.replay_holdups() == {}
+    assert not c.paused(1) and not c.frozen(0)
+    c.lag(1, "2s")
+    c.pause(2)
+    assert c.paused(2)
+    assert c.replay_holdups() == {1: "apply delay 2000ms", 2: "replay paused"}
+    c.freeze(2)
+    assert c.frozen(2)
+    assert c.replay_holdups() == {1: "apply delay 2000ms", 2: "frozen"}
+    c.thaw(2)
+    c.kill(1)
+    assert c.replay_holdups() == {1: "stopped", 2: "replay paused"}
+    started = time.monotonic()
+    assert c.create_database("holdups-db") is True  # waits for none of them
+    assert time.monotonic() - started < 20
+    c.heal()
+    assert c.replay_holdups() == {}
+    c.execute(0, 'DROP DATABASE "holdups-db"')

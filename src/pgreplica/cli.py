@@ -318,9 +318,10 @@ def _cluster_main(args: argparse.Namespace) -> int:
         cluster.destroy()
         print(f"removed {cluster.directory}")
     elif action == "createdb":
-        created = cluster.create_database(args.name)
-        state = "created" if created else "already there"
-        print(f"database {args.name!r} {state}, on the primary and every replica")
+        held = cluster.replay_holdups()
+        waited = [i for i in range(1, cluster.replicas + 1) if i not in held]
+        created = cluster.create_database(args.name, wait_for=waited)
+        print(_createdb_message(cluster, args.name, created, held))
     else:
         replica_handlers: dict[str, Callable[[int], None]] = {
             "pause": cluster.pause,
@@ -384,6 +385,21 @@ def _print_status(cluster: LocalCluster) -> None:
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
+
+
+def _createdb_message(cluster: LocalCluster, name: str, created: bool, held: dict[int, str]) -> str:
+    """What ``cluster createdb`` did: on every replica, or on the primary and which
+    replicas were not waited for (stopped, frozen, paused, delayed) and why."""
+    state = "created" if created else "already there"
+    if not held:
+        return f"database {name!r} {state}, on the primary and every replica"
+    later = [
+        f"{cluster.name(i)} is no longer a replica (promoted)"
+        if why == "promoted"
+        else f"{cluster.name(i)} replays it later ({why})"
+        for i, why in sorted(held.items())
+    ]
+    return f"database {name!r} {state} on the primary; {', '.join(later)}"
 
 
 # ---------------------------------------------------------------------- pgreplica status

@@ -395,20 +395,69 @@ class LocalCluster(_Servers):
             cur.execute(sql)
             return cur.fetchall() if cur.description is not None else []
 
-    def create_database(self, name: str) -> bool:
-        """Create database ``name`` on the primary unless it exists, and wait until
-        every running replica has replayed it. True if it was created."""
+    def create_database(
+        self, name: str, *, wait_for: Sequence[int] | None = None, timeout: float = 30
+    ) -> bool:
+        """Create database ``name`` on the primary unless it exists, then wait (up to
+        ``timeout`` seconds) until the replicas in ``wait_for`` have replayed it. True if it
+        was created.
+
+        ``wait_for`` defaults to the replicas that replay at once: every replica not in
+        :meth:`replay_holdups` (running, not frozen, not paused, without an apply delay).
+        The others get the database when they replay that far.
+        """
         from psycopg import sql
 
         if not name or len(name.encode()) > 63 or "\x00" in name:
             raise ClusterError(f"not a database name: {name[:70]!r} (1 to 63 bytes)")
+        if wait_for is None:
+            held = self.replay_holdups()
+            wait_for = [i for i in range(1, self.replicas + 1) if i not in held]
         with self._connect(0, connect_timeout=10) as conn:
             row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             exists = row.fetchone() is not None
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self.wait_replayed()
+        self.wait_replayed(timeout=timeout, replicas=wait_for)
         return not exists
+
+    def replay_holdups(self) -> dict[int, str]:
+        """The replicas that do not replay the primary's WAL as it comes, each with why:
+        ``"stopped"``, ``"frozen"``, ``"promoted"``, ``"replay paused"``, ``"apply delay
+        300ms"`` or ``"not answering"``. The replicas not in it replay at once."""
+        held: dict[int, str] = {}
+        query = "SELECT pg_is_in_recovery(), pg_is_wal_replay_paused()"
+        for replica in range(1, self.replicas + 1):
+            if self._postmaster_pid(replica) is None:
+                held[replica] = "stopped"
+            elif self._is_frozen(replica):
+                held[replica] = "frozen"
+            elif not self._is_standby(replica):
+                held[replica] = "promoted"
+            else:
+                rows = self._try_query(replica, query, connect_timeout=3)
+                delay = self.apply_delay(replica)
+                if rows is None:
+                    held[replica] = "not answering"
+                elif not rows[0][0]:
+                    held[replica] = "promoted"
+                elif rows[0][1]:
+                    held[replica] = "replay paused"
+                elif delay != "0":
+                    held[replica] = f"apply delay {delay}"
+        return held
+
+    def paused(self, replica: int) -> bool:
+        """Whether WAL replay is paused on ``replica`` (:meth:`pause`); it must be running
+        and not frozen."""
+        self._check_replica(replica)
+        self._require_answering(replica)
+        return bool(self.execute(replica, "SELECT pg_is_wal_replay_paused()")[0][0])
+
+    def frozen(self, index: int) -> bool:
+        """Whether server ``index`` (0 = primary) is frozen (:meth:`freeze`)."""
+        self._check_server(index)
+        return self._postmaster_pid(index) is not None and self._is_frozen(index)
 
     def wait_replayed(
         self,
