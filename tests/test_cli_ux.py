@@ -320,6 +320,52 @@ def test_demo_on_a_stopped_cluster_starts_it_and_stops_it_again(
     )
 
 
+def test_demo_leaves_frozen_and_paused_replicas_as_found(
+    healthy_cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = healthy_cluster
+    c.lag(1, "20ms")
+    c.pause(1)
+    c.freeze(1)  # frozen with its replay paused: asked once the demo has thawed it
+    c.pause(2)  # killed and restarted by the demo, which forgets the pause
+    directory = str(c.directory)
+    assert main(["demo", "--dir", directory, "--seconds", "2", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "injected: replica2 restarted" in out
+    assert out.rstrip().splitlines()[-1] == "stale reads: 0"
+    assert [c.running(i) for i in range(3)] == [True, True, True]
+    assert [c.frozen(i) for i in range(3)] == [False, True, False]
+    assert c.apply_delay(1) == "20ms" and c.apply_delay(2) == "0"
+    assert c.paused(2)
+    c.thaw(1)
+    assert c.paused(1)
+    states = {s["name"]: s for s in c.status()}
+    assert states["replica1"]["apply_delay"] == "20ms"
+    assert states["replica2"]["in_recovery"] is True
+
+
+def test_ctrl_c_while_restoring_does_not_stop_the_restore(
+    healthy_cluster: LocalCluster, running: list[Running]
+) -> None:
+    c = healthy_cluster
+    c.pause(2)
+    c.freeze(2)
+    demo = Running(["demo", "--dir", str(c.directory), "--seconds", "30", "--threads", "2"])
+    running.append(demo)
+    demo.wait_for("injected: replica2 killed")
+    demo.proc.send_signal(signal.SIGINT)
+    demo.wait_for("restoring the cluster in", timeout=60)
+    for _ in range(3):  # impatient: Ctrl-C again while replica2 restarts
+        demo.proc.send_signal(signal.SIGINT)
+    returncode, stderr = demo.interrupt(within=60)  # and once more, harmless
+    assert (returncode, stderr) == (130, "pgreplica: interrupted\n")
+    assert [c.running(i) for i in range(3)] == [True, True, True]
+    assert [c.frozen(i) for i in range(3)] == [False, False, True]
+    assert c.apply_delay(1) == "0"
+    c.thaw(2)
+    assert c.paused(2)
+
+
 def test_demo_uses_the_given_port(capsys: pytest.CaptureFixture[str]) -> None:
     port = _choose_ports(3, first=26000)
     assert main(["demo", "--port", str(port), "--seconds", "2", "--threads", "2"]) == 0

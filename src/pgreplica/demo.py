@@ -6,14 +6,17 @@ prints where reads went and why, and ends with ``stale reads: N``, which must be
 
 The cluster is a temporary one, removed at the end (``--port`` picks its ports), or the
 one in ``--dir``: a cluster found there is left as it was, also after an error or Ctrl-C
-(the apply delays it had, the servers that ran running, the others stopped again).
+(the apply delays it had, the servers that ran running, the others stopped again, the
+frozen ones frozen again, the replicas whose replay was paused paused again).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -60,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dir",
         help="cluster directory (default: a temporary one, removed); a cluster already"
-        " there is left as found: running or stopped, without the injected faults",
+        " there is left as found: running, stopped, frozen or paused, without the injected"
+        " faults",
     )
     parser.add_argument(
         "--port",
@@ -100,10 +104,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     found = _Found.of(cluster)
     if any(found.running):
         _say(out, f"using the running cluster in {cluster.directory}; left as found at the end")
+    ended = False
     try:
-        return _local_demo(cluster, args, out)
+        code = _local_demo(cluster, args, out, found)
+        ended = True  # the report ends with "stale reads: N": restore silently
+        return code
     finally:
-        found.restore(cluster)
+        found.restore(cluster, None if ended else out)
 
 
 def _open_cluster(directory: str, port: int | None) -> LocalCluster:
@@ -125,24 +132,62 @@ def _open_cluster(directory: str, port: int | None) -> LocalCluster:
     return cluster
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Found:
-    """A cluster as the demo found it: which servers ran, and the replicas' apply delays."""
+    """A cluster as the demo found it: which servers ran and which were frozen, the
+    replicas' apply delays and which replicas had their replay paused."""
 
     running: tuple[bool, ...]
+    frozen: tuple[bool, ...]
     apply_delays: tuple[str, ...]
     """Of replicas 1..N."""
+    paused: dict[int, bool | None]
+    """Replica number: paused or not; None for a frozen one, which cannot be asked until
+    :meth:`LocalCluster.up` thaws it (:meth:`learn_paused`)."""
 
     @classmethod
     def of(cls, cluster: LocalCluster) -> _Found:
+        servers = range(cluster.replicas + 1)
+        running = tuple(cluster.running(i) for i in servers)
+        frozen = tuple(cluster.frozen(i) for i in servers)
+        paused: dict[int, bool | None] = {}
+        for replica in range(1, cluster.replicas + 1):
+            if frozen[replica]:
+                paused[replica] = None
+            elif running[replica] and _in_recovery(cluster, replica):
+                paused[replica] = cluster.paused(replica)
         return cls(
-            running=tuple(cluster.running(i) for i in range(cluster.replicas + 1)),
+            running=running,
+            frozen=frozen,
             apply_delays=tuple(cluster.apply_delay(i) for i in range(1, cluster.replicas + 1)),
+            paused=paused,
         )
 
-    def restore(self, cluster: LocalCluster) -> None:
-        """Undo what the demo did: its apply delay, the replica it killed, the servers it
-        started."""
+    def learn_paused(self, cluster: LocalCluster) -> None:
+        """Ask the replicas that were frozen, now that they are thawed, whether their
+        replay is paused."""
+        for replica, paused in self.paused.items():
+            if paused is None and _in_recovery(cluster, replica):
+                self.paused[replica] = cluster.paused(replica)
+
+    def restore(self, cluster: LocalCluster, out: TextIO | None) -> None:
+        """Undo what the demo did: its apply delay, the replica it killed (which forgot
+        its paused replay), the servers it started and the servers it thawed.
+
+        A second Ctrl-C is ignored meanwhile (in the main thread), so that it cannot leave
+        the cluster half restored."""
+        ignoring = threading.current_thread() is threading.main_thread()
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignoring else None
+        try:
+            if out is not None:  # after an error or Ctrl-C
+                with contextlib.suppress(OSError):  # a closed stdout must not stop it
+                    _say(out, f"restoring the cluster in {cluster.directory} as found")
+            self._restore(cluster)
+        finally:
+            if ignoring:
+                signal.signal(signal.SIGINT, signal.SIG_DFL if handler is None else handler)
+
+    def _restore(self, cluster: LocalCluster) -> None:
         for replica, delay in enumerate(self.apply_delays, 1):
             if cluster.apply_delay(replica) != delay:
                 cluster.lag(replica, delay)
@@ -155,11 +200,26 @@ class _Found:
         for index in reversed(range(len(self.running))):  # replicas before the primary
             if not self.running[index]:
                 cluster.stop(index)
+        for replica, paused in self.paused.items():
+            if paused and not cluster.frozen(replica) and not cluster.paused(replica):
+                cluster.pause(replica)
+        for index in reversed(range(len(self.frozen))):
+            if self.frozen[index] and not cluster.frozen(index):
+                cluster.freeze(index)
 
 
-def _local_demo(cluster: LocalCluster, args: argparse.Namespace, out: TextIO) -> int:
+def _in_recovery(cluster: LocalCluster, replica: int) -> bool:
+    """Whether ``replica`` (running, not frozen) is still a replica, not promoted."""
+    return bool(cluster.execute(replica, "SELECT pg_is_in_recovery()")[0][0])
+
+
+def _local_demo(
+    cluster: LocalCluster, args: argparse.Namespace, out: TextIO, found: _Found | None = None
+) -> int:
     started = time.monotonic()
-    cluster.up()
+    cluster.up()  # starts the stopped servers, thaws the frozen ones
+    if found is not None:
+        found.learn_paused(cluster)
     replicas = "1 replica" if cluster.replicas == 1 else f"{cluster.replicas} replicas"
     _say(out, f"local cluster up in {time.monotonic() - started:.1f}s: primary and {replicas}")
     for index in range(cluster.replicas + 1):
