@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import queue
+import shlex
 import signal
 import socket
 import subprocess
@@ -261,6 +262,41 @@ def test_ctrl_c_ends_status_watch_at_once(
     returncode, stderr = status.interrupt(within=3)  # not after the 60 s of --watch
     assert returncode == 130
     assert stderr == "pgreplica: interrupted\n"
+
+
+def run_piped(command: str, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``command`` (``{pgreplica}`` stands for the command) in bash, its stdout piped into
+    the process that follows; bash prints the command's exit status after the output."""
+    script = command.format(pgreplica=shlex.join(pgreplica_command()))
+    return subprocess.run(
+        ["bash", "-c", f'{script}; echo "exit ${{PIPESTATUS[0]}}"'],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def test_output_into_a_closed_pipe_ends_quietly(
+    healthy_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    config = shlex.quote(str(healthy_cluster.write_config(tmp_path / "pgreplica.toml")))
+    # head exits after the first round's first line; the second round meets the closed pipe
+    result = run_piped(
+        f"{{pgreplica}} status --config {config} --json --watch 0.2 --count 100 | head -1"
+    )
+    assert result.stderr == ""  # neither "Broken pipe" nor "Exception ignored"
+    first, status = result.stdout.splitlines()
+    assert json.loads(first)["role"] == "primary"
+    assert status == "exit 141"  # 128 + SIGPIPE, as for cat or grep; not the 100 rounds
+    # the pipe closed before the first write
+    result = run_piped(f"{{pgreplica}} status --config {config} --json | true")
+    assert (result.stderr, result.stdout) == ("", "exit 141\n")
+    for option in ("--help", "--version"):  # argparse's output: it ignores the pipe
+        result = run_piped(f"{{pgreplica}} {option} | true")
+        assert (result.stderr, result.stdout) == ("", "exit 0\n")
 
 
 # -- pgreplica demo -------------------------------------------------------------------------

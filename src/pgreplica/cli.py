@@ -6,7 +6,9 @@
 
 Errors end the command with one line on stderr, never a traceback: exit status 2 for a
 bad argument or configuration, 1 for a failure while running (a server that cannot be
-reached, a host down in ``pgreplica status``), 130 when interrupted (Ctrl-C).
+reached, a host down in ``pgreplica status``), 130 when interrupted (Ctrl-C). When the
+reader of its output goes away (``pgreplica status --json | head -1``) the command stops
+quietly with 141, like a program ended by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _Handler = Callable[[argparse.Namespace], int]
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+"""Stdout's reader went away: 128 + SIGPIPE, the status of ``cat``, ``grep`` or ``git`` in
+its place (a shell reports the last command's status unless ``set -o pipefail``)."""
 DEBUG_ENV = "PGREPLICA_DEBUG"
 """Set to 1 to get the traceback of an unexpected error instead of one line."""
 
@@ -187,12 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``pgreplica`` with ``argv`` (default: the process arguments); return the exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stdout's reader went away (| head): stop, say nothing
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse ignores a closed pipe under --help itself
     handler: _Handler = args.handler
     try:
         with quiet_logging() if getattr(args, "quiet_logs", False) else contextlib.nullcontext():
-            return handler(args)
+            code = handler(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+            return code
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
         _fail("interrupted")
         return EXIT_INTERRUPTED
@@ -207,6 +224,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail(f"unexpected {type(exc).__name__}: {_one_line(exc)} ({DEBUG_ENV}=1 shows where)")
         return EXIT_FAILURE
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout went away (``pgreplica status --json | head -1``): send what
+    is still buffered, and anything later, to /dev/null, so that neither this nor the
+    interpreter's final flush reports the closed pipe."""
+    try:
+        fileno = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a file (a test's capture): nothing to flush later
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fileno)
+    finally:
+        os.close(devnull)
 
 
 def _fail(message: str) -> None:
