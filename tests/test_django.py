@@ -696,3 +696,58 @@ def test_the_one_shot_retry_needs_a_replica_and_no_write(
         run_with_replica(reads_writes_then_fails, "reads_writes_then_fails")
     assert calls == ["write"]
     assert Tag.objects.filter(name=name).count() == 1
+
+
+def test_writes_outside_http_are_counted_once_per_commit_and_not_during_a_request(
+    project: None, healthy_cluster: LocalCluster
+) -> None:
+    """What counts as this context's write outside a request: a write in a
+    ``replica_reads()`` block of a job (no HTTP request) does, once per transaction and
+    when it commits; a write while Django handles a request (a session save around the
+    middleware) does not."""
+    from django.core.signals import request_finished, request_started
+    from django.db import connection, transaction
+    from perf.models import Signature, Tag
+
+    from pgreplica.contrib.django import replica_reads
+    from pgreplica.contrib.django.state import OUTSIDE_REQUESTS, _outside_commit
+    from pgreplica.contrib.django.testing import served_by, wait_for_replicas
+
+    wait_for_replicas()  # nothing of the test process pending
+    state = OUTSIDE_REQUESTS.get()
+    assert state is not None and state.committed == state.read
+
+    def counted() -> int:
+        return OUTSIDE_REQUESTS.get().committed - state.read  # type: ignore[union-attr]
+
+    with transaction.atomic():
+        Tag.objects.create(name=new_name("t"))
+        Tag.objects.create(name=new_name("t"))
+        hooks = [e for e in connection.run_on_commit if e[1] is _outside_commit]
+        assert len(hooks) == 1  # once per transaction, not per write
+        assert counted() == 0  # not committed yet
+    assert counted() == 1
+
+    wait_for_replicas()
+    request_started.send(sender=None)
+    try:
+        Tag.objects.create(name=new_name("session-like"))  # e.g. a session save
+    finally:
+        request_finished.send(sender=None)
+    assert counted() == 0
+
+    # A job's replica_reads() block that writes, then another that reads, replicas 300 ms
+    # behind: the second reads the primary (before, the write was not counted).
+    for replica in (1, 2):
+        healthy_cluster.lag(replica, "300ms")
+    try:
+        name = new_name("job")
+        with replica_reads():
+            Signature.objects.create(name=name)
+        assert counted() == 1
+        with replica_reads(), served_by() as seen:
+            assert Signature.objects.filter(name=name).exists()
+    finally:
+        for replica in (1, 2):
+            healthy_cluster.lag(replica, 0)
+    assert seen == ["default"], seen

@@ -72,6 +72,9 @@ def test_e001_unknown_key_with_a_suggestion(run_checks: Any) -> None:
 def test_e002_a_bad_environment_variable_names_it(
     run_checks: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from pgreplica.contrib.django import settings as env_settings
+
+    monkeypatch.setattr(env_settings, "LAST_OUTCOME", None)  # the check reads the env
     monkeypatch.setenv(
         "READ_REPLICA_DATABASE_URLS", "postgresql://a@h/x,postgresql://a:pw@h:99999/x"
     )
@@ -91,14 +94,16 @@ def test_e002_from_settings_py_is_deferred_to_the_check() -> None:
     from pgreplica.contrib.django import settings as env_settings
 
     env = {"READ_REPLICA_ENABLED": "true", "READ_REPLICA_DATABASE_URLS": "postgresql://h:0/x"}
-    before = len(env_settings.ENV_ERRORS)
+    before = env_settings.LAST_OUTCOME
     try:
         assert env_settings.replica_databases({}, env=env) == {}
-        assert [str(e) for e in env_settings.ENV_ERRORS[before:]] == [
+        outcome = env_settings.LAST_OUTCOME
+        assert outcome is not None
+        assert str(outcome.error) == (
             "READ_REPLICA_DATABASE_URLS: port must be a number between 1 and 65535"
-        ]
+        )
     finally:
-        del env_settings.ENV_ERRORS[before:]
+        env_settings.LAST_OUTCOME = before
 
 
 def test_e003_replica_apps_must_be_a_collection(run_checks: Any) -> None:
@@ -106,6 +111,9 @@ def test_e003_replica_apps_must_be_a_collection(run_checks: Any) -> None:
     assert ids(messages) == ["pgreplica.E003"]
     assert messages[0].hint == "Write {'perf'}."
     assert ids(run_checks(PGREPLICA=pgreplica_settings(REPLICA_APPS=["perf"]))) == []
+    assert ids(run_checks(PGREPLICA=pgreplica_settings(REPLICA_APPS={"perf": 1}.keys()))) == []
+    generator = pgreplica_settings(REPLICA_APPS=(a for a in ["perf"]))
+    assert ids(run_checks(PGREPLICA=generator)) == ["pgreplica.E003"]
 
 
 def test_e004_sticking_spec(run_checks: Any) -> None:
@@ -114,6 +122,23 @@ def test_e004_sticking_spec(run_checks: Any) -> None:
     assert "memcached://..." in messages[0].msg and "11211" not in messages[0].msg
     for good in ("memory", "redis://127.0.0.1:6379/0", None):
         assert ids(run_checks(PGREPLICA=pgreplica_settings(STICKING=good))) == []
+    # a malformed URL may hold a password: never shown
+    messages = run_checks(PGREPLICA=pgreplica_settings(STICKING="redis//:S3cr3t-pw@h:6379/0"))
+    assert ids(messages) == ["pgreplica.E004"]
+    assert "S3cr3t" not in messages[0].msg and "a string of 26 characters" in messages[0].msg
+
+
+def test_e004_an_async_sticking_is_refused(run_checks: Any, project: None) -> None:
+    """The middleware is synchronous: an AsyncSticking would fail every request."""
+    from pgreplica.contrib.django import integration
+    from pgreplica.sticking import AsyncSticking, MemoryStickingStore, Sticking
+
+    lb = integration().lb
+    wrong = AsyncSticking(lb, MemoryStickingStore())
+    messages = run_checks(PGREPLICA=pgreplica_settings(STICKING=wrong))
+    assert ids(messages) == ["pgreplica.E004"] and "AsyncSticking" in messages[0].msg
+    right = Sticking(lb, MemoryStickingStore())
+    assert ids(run_checks(PGREPLICA=pgreplica_settings(STICKING=right))) == []
 
 
 def test_e005_replicas_must_name_other_aliases(run_checks: Any) -> None:
@@ -150,6 +175,9 @@ def test_e008_option_types(run_checks: Any) -> None:
     ]
     assert ids(run_checks(PGREPLICA=pgreplica_settings(TOKEN_HEADER=""))) == ["pgreplica.E008"]
     assert ids(run_checks(PGREPLICA=pgreplica_settings(USAGE_LOG="yes"))) == ["pgreplica.E008"]
+    assert ids(run_checks(PGREPLICA=pgreplica_settings(SIGNING_KEY=b"k3y-bytes"))) == []
+    messages = run_checks(PGREPLICA=pgreplica_settings(SIGNING_KEY=12345678))
+    assert ids(messages) == ["pgreplica.E008"] and "12345678" not in messages[0].msg
 
 
 def test_w001_atomic_requests(run_checks: Any) -> None:
@@ -173,6 +201,9 @@ def test_w002_declared_replica_without_test_mirror(run_checks: Any) -> None:
 
 
 def test_w003_enabled_without_any_replica(run_checks: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgreplica.contrib.django import settings as env_settings
+
+    monkeypatch.setattr(env_settings, "LAST_OUTCOME", None)  # the check reads the env
     monkeypatch.delenv("READ_REPLICA_DATABASE_URLS")
     monkeypatch.delenv("READ_REPLICA_DATABASE_URL", raising=False)
     monkeypatch.delenv("PGREPLICA_CONFIG", raising=False)
@@ -189,7 +220,15 @@ def test_w004_replica_apps_names_an_unknown_app(run_checks: Any) -> None:
 
 
 def test_w005_router_missing(run_checks: Any) -> None:
+    from pgreplica.contrib.django import ReadReplicaRouter
+
     assert ids(run_checks(DATABASE_ROUTERS=[])) == ["pgreplica.W005"]
+
+    class MyRouter(ReadReplicaRouter):
+        pass
+
+    assert ids(run_checks(DATABASE_ROUTERS=[MyRouter()])) == []
+    assert ids(run_checks(DATABASE_ROUTERS=("pgreplica.contrib.django.ReadReplicaRouter",))) == []
 
 
 def test_w006_middleware_missing_or_before_authentication(run_checks: Any) -> None:
@@ -212,6 +251,8 @@ def test_the_middleware_refuses_to_start_on_an_error(project: None) -> None:
 
     forget_validation()
     try:
+        PgReplicaMiddleware(lambda request: None)  # valid: validated once, cached
+        # a settings change (override_settings sends setting_changed) validates again
         with (
             override_settings(PGREPLICA={"REPLICA_APPS": "perf"}),
             pytest.raises(ImproperlyConfigured, match=r"pgreplica\.E003"),

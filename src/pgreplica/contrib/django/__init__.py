@@ -11,7 +11,7 @@ with extra_imports("django", feature="pgreplica.contrib.django"):
 
 from django.core import checks as _checks
 
-from pgreplica.contrib.django.checks import check_settings
+from pgreplica.contrib.django.checks import check_settings, watch_settings
 from pgreplica.contrib.django.middleware import PgReplicaMiddleware
 from pgreplica.contrib.django.router import ReadReplicaRouter
 from pgreplica.contrib.django.settings import REPLICA_ALIAS, replica_databases
@@ -20,6 +20,7 @@ from pgreplica.contrib.django.views import ReadReplicaMixin, read_replica, repli
 
 _checks.register(check_settings, _checks.Tags.database)
 watch_connections()
+watch_settings()
 
 __all__ = [
     "REPLICA_ALIAS",

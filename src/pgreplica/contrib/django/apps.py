@@ -11,3 +11,8 @@ class PgReplicaConfig(AppConfig):  # type: ignore[misc]  # Django ships no types
     name = "pgreplica.contrib.django"
     label = "pgreplica"
     verbose_name = "pgreplica"
+
+    def ready(self) -> None:
+        from pgreplica.contrib.django.state import watch_connections
+
+        watch_connections()

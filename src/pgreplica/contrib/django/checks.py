@@ -108,20 +108,20 @@ class _Checker:
     def environment(self, options: dict[str, Any]) -> None:
         from pgreplica.contrib.django import settings as env_settings
 
-        errors = list(env_settings.ENV_ERRORS)
-        created: dict[str, Any] = {}
-        if not errors:
+        outcome = env_settings.LAST_OUTCOME
+        if outcome is None:  # settings.py did not call replica_databases(): the process's
             try:
                 created = env_settings.replica_databases({}, strict=True)
+                outcome = env_settings.EnvOutcome(None, len(created), env_settings.enabled())
             except ConfigError as bad:
-                errors.append(bad)
-        for error in errors:
+                outcome = env_settings.EnvOutcome(bad, 0, False)
+        if outcome.error is not None:
             self.error(
                 2,
-                f"{error}: no replica alias was created.",
+                f"{outcome.error}: no replica alias was created.",
                 hint="Fix the variable, or unset READ_REPLICA_ENABLED to run without replicas.",
             )
-        if not errors and env_settings.enabled() and not created and not options.get("REPLICAS"):
+        elif outcome.enabled and not outcome.aliases and not options.get("REPLICAS"):
             self.warning(
                 3,
                 "READ_REPLICA_ENABLED is true but no replica is configured: every read "
@@ -139,10 +139,15 @@ class _Checker:
                 f'PGREPLICA["PRIMARY_ALIAS"] is {primary!r}, which is not a DATABASES alias.',
                 hint=f"The aliases are {sorted(databases)}.",
             )
-        for key in ("TOKEN_COOKIE", "TOKEN_HEADER", "SIGNING_KEY"):
+        for key in ("TOKEN_COOKIE", "TOKEN_HEADER"):
             value = options.get(key)
             if value is not None and (not isinstance(value, str) or not value):
                 self.error(8, f'PGREPLICA["{key}"] must be a non-empty string, not {value!r}.')
+        key_value = options.get("SIGNING_KEY")
+        if key_value is not None and (not isinstance(key_value, (str, bytes)) or not key_value):
+            # the type only: never the key itself
+            kind = "empty" if isinstance(key_value, (str, bytes)) else type(key_value).__name__
+            self.error(8, f'PGREPLICA["SIGNING_KEY"] must be a non-empty str or bytes, not {kind}.')
         usage = options.get("USAGE_LOG")
         if usage is not None and not isinstance(usage, bool):
             self.error(8, f'PGREPLICA["USAGE_LOG"] must be True or False, not {usage!r}.')
@@ -150,11 +155,16 @@ class _Checker:
     def replica_apps(self, apps: Any) -> None:
         if apps is None:
             return
-        if isinstance(apps, str) or not isinstance(apps, (list, tuple, set, frozenset)):
+        if (
+            isinstance(apps, (str, bytes))
+            or not isinstance(apps, Iterable)
+            or iter(apps) is apps  # a generator: read once, by whoever reads it first
+        ):
+            shown = repr(apps) if isinstance(apps, (str, bytes)) else type(apps).__name__
             self.error(
                 3,
                 f'PGREPLICA["REPLICA_APPS"] must be a list or set of app labels, not '
-                f"{type(apps).__name__} {apps!r}: no model would be read from a replica.",
+                f"{shown}: no model would be read from a replica.",
                 hint=f"Write {{{apps!r}}}." if isinstance(apps, str) else None,
             )
             return
@@ -174,16 +184,24 @@ class _Checker:
     def sticking(self, spec: Any) -> None:
         if spec is None:
             return
+        from pgreplica.sticking import AsyncSticking
+
         if isinstance(spec, str):
             if spec == "memory" or spec.startswith(("redis://", "rediss://", "unix://")):
                 return
+            # never the text itself: a malformed URL may hold a password
+            scheme = spec.split("://", 1)[0][:20] if "://" in spec else None
+            shown = f"{scheme}://..." if scheme else f"a string of {len(spec)} characters"
+        elif isinstance(spec, AsyncSticking):
+            shown = "an AsyncSticking (the Django middleware is synchronous)"
         elif callable(getattr(spec, "adopt", None)) and callable(getattr(spec, "stick", None)):
             return
-        shown = spec.split("://", 1)[0] + "://..." if isinstance(spec, str) else repr(spec)
+        else:
+            shown = f"a {type(spec).__name__}"
         self.error(
             4,
-            f'PGREPLICA["STICKING"] is {shown[:60]}: expected "memory", a redis:// URL or '
-            "a pgreplica.sticking.Sticking.",
+            f'PGREPLICA["STICKING"] is {shown}: expected "memory", a redis:// URL or a '
+            "pgreplica.sticking.Sticking.",
             hint='Use "memory" for one process, a Redis URL for several.',
         )
 
@@ -255,11 +273,11 @@ class _Checker:
                 hint="Decorate the read-only views with "
                 "django.db.transaction.non_atomic_requests (see docs/django.md).",
             )
-        routers = [
-            r if isinstance(r, str) else type(r).__module__ + "." + type(r).__name__
-            for r in getattr(self.settings, "DATABASE_ROUTERS", [])
-        ]
-        if not any(r == ROUTER or r.endswith(".ReadReplicaRouter") for r in routers):
+        from pgreplica.contrib.django.middleware import PgReplicaMiddleware
+        from pgreplica.contrib.django.router import ReadReplicaRouter
+
+        routers = list(getattr(self.settings, "DATABASE_ROUTERS", None) or [])
+        if not any(_is(r, ReadReplicaRouter) for r in routers):
             self.warning(
                 5,
                 "Replica aliases are configured but ReadReplicaRouter is not in "
@@ -267,9 +285,8 @@ class _Checker:
                 hint=f"DATABASE_ROUTERS = [{ROUTER!r}]",
             )
         middleware = list(getattr(self.settings, "MIDDLEWARE", None) or [])
-        if MIDDLEWARE not in middleware and not any(
-            m.endswith(".PgReplicaMiddleware") for m in middleware
-        ):
+        ours = [i for i, m in enumerate(middleware) if _is(m, PgReplicaMiddleware)]
+        if not ours:
             self.warning(
                 6,
                 "PgReplicaMiddleware is not in MIDDLEWARE: a request after a write may read "
@@ -279,8 +296,7 @@ class _Checker:
         elif (
             options.get("STICKING") is not None
             and AUTHENTICATION in middleware
-            and MIDDLEWARE in middleware
-            and middleware.index(MIDDLEWARE) < middleware.index(AUTHENTICATION)
+            and ours[0] < middleware.index(AUTHENTICATION)
         ):
             self.warning(
                 6,
@@ -288,6 +304,21 @@ class _Checker:
                 "sees the user.",
                 hint="Move it after AuthenticationMiddleware.",
             )
+
+
+def _is(entry: Any, cls: type) -> bool:
+    """A ``DATABASE_ROUTERS`` or ``MIDDLEWARE`` entry (a dotted path, a class or an
+    instance) is ``cls`` or a subclass of it."""
+    if isinstance(entry, str):
+        from django.utils.module_loading import import_string
+
+        try:
+            entry = import_string(entry)
+        except ImportError:
+            return False
+    if not isinstance(entry, type):
+        entry = type(entry)
+    return issubclass(entry, cls)
 
 
 def validate_at_startup() -> list[Any]:
@@ -309,10 +340,17 @@ def validate_at_startup() -> list[Any]:
     return _validated
 
 
-def forget_validation() -> None:
-    """Validate again at the next start (tests that change settings)."""
+def forget_validation(**kwargs: Any) -> None:
+    """Validate again at the next start: connected to ``setting_changed`` (tests that
+    change settings)."""
     global _validated
     _validated = None
+
+
+def watch_settings() -> None:
+    from django.core.signals import setting_changed
+
+    setting_changed.connect(forget_validation, dispatch_uid="pgreplica.contrib.django.checks")
 
 
 _validated: list[Any] | None = None

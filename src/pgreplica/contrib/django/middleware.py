@@ -71,7 +71,7 @@ class PgReplicaMiddleware:
         lb = integ.lb
         sticking = _sticking(self.sticking_spec, self.key)
         incoming = self._incoming(request, lb)
-        state = RequestState()
+        state = RequestState(http=True)
         with ExitStack() as stack:
             if self.usage_log:
                 used = stack.enter_context(observe.usage())

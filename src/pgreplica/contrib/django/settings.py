@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict
@@ -46,9 +47,18 @@ def replica_aliases(count: int) -> list[str]:
     return [REPLICA_ALIAS if i == 0 else f"{REPLICA_ALIAS}_{i + 1}" for i in range(count)]
 
 
-#: Errors of the environment variables met by :func:`replica_databases` (not strict),
-#: reported by the system checks and the middleware.
-ENV_ERRORS: list[ConfigError] = []
+@dataclass(frozen=True)
+class EnvOutcome:
+    """What the last :func:`replica_databases` call (not strict) found: the error that
+    left the aliases out, how many aliases it made, and whether replicas were switched
+    on. The system checks and the middleware report it (``pgreplica.E002``, ``W003``)."""
+
+    error: ConfigError | None
+    aliases: int
+    enabled: bool
+
+
+LAST_OUTCOME: EnvOutcome | None = None
 
 
 def enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -98,15 +108,18 @@ def replica_databases(
     (engine, options, timeouts) with the replica's connection parameters.
 
     A bad variable raises :class:`~pgreplica.ConfigError` with ``strict``; otherwise it
-    is kept in :data:`ENV_ERRORS` for the system check ``pgreplica.E002`` and the
+    is kept in :data:`LAST_OUTCOME` for the system check ``pgreplica.E002`` and the
     middleware, and no replica alias is returned."""
-    try:
+    global LAST_OUTCOME
+    if strict:
         return _replica_databases(default, env)
+    try:
+        databases = _replica_databases(default, env)
     except ConfigError as exc:
-        if strict:
-            raise
-        ENV_ERRORS.append(exc)
+        LAST_OUTCOME = EnvOutcome(exc, 0, False)
         return {}
+    LAST_OUTCOME = EnvOutcome(None, len(databases), enabled(env))
+    return databases
 
 
 def _replica_databases(

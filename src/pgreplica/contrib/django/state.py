@@ -9,6 +9,7 @@ Per request: a :class:`RequestState` in a contextvar (threads and ASGI alike).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
@@ -41,6 +42,10 @@ class RequestState:
     """A write happened, or a fallback: the rest of the request reads the primary."""
     alias: str | None = None
     """The replica alias pinned for this request, once chosen."""
+    http: bool = False
+    """Inside ``PgReplicaMiddleware``: the request's writes go into its token."""
+    failed: str | None = None
+    """The alias whose query raised ``OperationalError`` or ``InterfaceError`` last."""
     decided: bool = False
     """Whether the primary alias's reads were placed: a request decides once (a replica
     caught up, or the primary), not before every query."""
@@ -220,6 +225,7 @@ def integration() -> Integration:
                 _integration = Integration(
                     databases, dict(getattr(settings, "PGREPLICA", {}) or {})
                 )
+                watch_open_connections()
     return _integration
 
 
@@ -236,7 +242,7 @@ def reset_integration() -> None:
 def track_queries(state: RequestState) -> Iterator[None]:
     """Note which aliases run queries, and whether one wrote on the primary: a write
     sends the rest of the request to the primary."""
-    from django.db import connections
+    from django.db import InterfaceError, OperationalError, connections
 
     lb = integration()
     primary = lb.primary_alias
@@ -258,22 +264,26 @@ def track_queries(state: RequestState) -> Iterator[None]:
                 state.wrote = wrote = True
                 state.primary_only = True
             tagged = with_comment(sql, comment_for(config_name), params) if comments else sql
-            if not WATCH.on:
-                return execute(tagged, params, many, context)
-            started = time.perf_counter()
             try:
-                return execute(tagged, params, many, context)
-            finally:
-                event = Event(
-                    route.name,
-                    config_name,
-                    on_primary,
-                    "primary" if on_primary else "replica",
-                    time.perf_counter() - started,
-                    wrote,
-                    alias,
-                )
-                record(event, cached=False)
+                if not WATCH.on:
+                    return execute(tagged, params, many, context)
+                started = time.perf_counter()
+                try:
+                    return execute(tagged, params, many, context)
+                finally:
+                    event = Event(
+                        route.name,
+                        config_name,
+                        on_primary,
+                        "primary" if on_primary else "replica",
+                        time.perf_counter() - started,
+                        wrote,
+                        alias,
+                    )
+                    record(event, cached=False)
+            except (OperationalError, InterfaceError):
+                state.failed = alias  # which server failed decides the one-shot retry
+                raise
 
         return run
 
@@ -285,55 +295,69 @@ def track_queries(state: RequestState) -> Iterator[None]:
 
 
 class OutsideRequests:
-    """Writes committed on the primary outside any request (management commands,
-    fixtures, ``setUp``, factories): ``floor`` is the primary's position read after
-    the last ones, ``pending`` whether more committed since. Kept in
-    :data:`OUTSIDE_REQUESTS`: contexts copied from the one that wrote (the threads
-    Django runs an ASGI request's sync code in, for one) share it, so the position is
-    read once for all of them, not once per request."""
+    """Writes committed on the primary outside HTTP handling (management commands,
+    fixtures, ``setUp``, factories, ``replica_reads()`` blocks of a job): ``committed``
+    counts them, ``floor`` is the primary's position read after the first ``read`` of
+    them. Kept in :data:`OUTSIDE_REQUESTS`: contexts copied from the one that wrote
+    (the threads Django runs an ASGI request's sync code in, for one) share it, so the
+    position is read once for all of them, not once per request."""
 
-    __slots__ = ("floor", "pending")
+    __slots__ = ("committed", "floor", "owner", "read")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        """The thread that counts into it; another thread (an ASGI request's, say) that
+        writes gets its own copy, so that its writes do not hold back its siblings."""
+        self.committed = 0
+        self.read = 0
         self.floor = 0
-        self.pending = False
 
 
 OUTSIDE_REQUESTS: ContextVar[OutsideRequests | None] = ContextVar(
     "pgreplica_django_outside_requests", default=None
 )
-"""The writes outside requests of the current context (thread or task) and of the
+"""The writes outside HTTP handling of the current context (thread or task) and of the
 contexts it was copied from. The next routed read reads the primary's position once
 after new ones (:func:`context_floor`), and no routed read goes below it, as the core's
 token would do. Contexts that never saw those writes are not held back."""
 
+IN_HTTP: ContextVar[bool] = ContextVar("pgreplica_django_in_http", default=False)
+"""Between Django's ``request_started`` and ``request_finished``: the writes of a request
+(the middleware's token covers them) and of the middleware around it (a session save)
+are not the context's own: another user's request in the same worker thread must not
+wait for them."""
+
 
 def _outside_commit() -> None:
     state = OUTSIDE_REQUESTS.get()
-    if state is None:
-        state = OutsideRequests()
-        OUTSIDE_REQUESTS.set(state)
-    state.pending = True
+    me = threading.get_ident()
+    if state is None or state.owner != me:
+        own = OutsideRequests(me)
+        if state is not None:  # what the context it was copied from wrote, it saw
+            own.floor = state.floor
+            own.committed = int(state.committed != state.read)
+        OUTSIDE_REQUESTS.set(own)
+        state = own
+    state.committed += 1
 
 
 def context_floor(integ: Integration) -> int:
     """The position a routed read of this context must see: past every write the
-    context committed outside a request. One query on the primary after new ones."""
+    context committed outside HTTP handling. One query on the primary after new ones;
+    a reader that finds the count moved while another reads reads too (the floor is
+    published before the count it covers)."""
     state = OUTSIDE_REQUESTS.get()
     if state is None:
         return 0
-    if state.pending:
+    committed = state.committed
+    if committed != state.read:
         from pgreplica.balancer import LSN_SQL
         from pgreplica.lsn import parse_lsn
 
-        state.pending = False  # first: a commit from now on is read at the next read
-        try:
-            row = internal_query(integ.primary_alias, LSN_SQL)
-        except BaseException:
-            state.pending = True
-            raise
+        row = internal_query(integ.primary_alias, LSN_SQL)
         if row and row[0]:
             state.floor = max(state.floor, parse_lsn(row[0]))
+        state.read = max(state.read, committed)
     return state.floor
 
 
@@ -351,19 +375,58 @@ def internal_query(alias: str, sql: str) -> Any:
         return cursor.fetchone()
 
 
+#: Longer statements (bulk inserts, ``IN`` lists of thousands of ids) are counted as
+#: writes without being classified: parsing them would cost milliseconds per query, and
+#: counting a read costs at most one read of the primary's position.
+CLASSIFY_LIMIT = 4096
+
+
 def _note_writes(connection: Any) -> Callable[..., Any]:
+    """The execute wrapper of the primary alias's connections: count the writes made
+    outside HTTP handling, when they commit."""
+
     def run(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any) -> Any:
         result = execute(sql, params, many, context)
-        text = sql if isinstance(sql, str) else str(sql)
-        if REQUEST.get() is None and not classify(text).replica:
-            # counted when it commits: at once in autocommit, else with the atomic block
-            if connection.in_atomic_block:
-                connection.on_commit(_outside_commit)
-            else:
-                _outside_commit()
+        if not IN_HTTP.get():
+            request = REQUEST.get()
+            if request is None or not request.http:  # a request's writes are its token's
+                _note(connection, sql)
         return result
 
     return run
+
+
+def _note(connection: Any, sql: Any) -> None:
+    atomic = connection.in_atomic_block
+    if atomic:
+        blocks = connection.atomic_blocks
+        if blocks and getattr(blocks[0], "_from_testcase", False):
+            return  # Django's TestCase: never committed, and its reads stay on the primary
+        if any(entry[1] is _outside_commit for entry in connection.run_on_commit):
+            return  # counted once per transaction
+    else:
+        state = OUTSIDE_REQUESTS.get()
+        if state is not None and state.committed != state.read:
+            return  # already counted, not read yet
+    text = sql if isinstance(sql, str) else str(sql)
+    if len(text) <= CLASSIFY_LIMIT and classify(text).replica:
+        return
+    if atomic:
+        connection.on_commit(_outside_commit)
+    else:
+        # Autocommit: committed already. (In manual transaction management, before the
+        # commit: a routed read of this context in between reads an earlier position.)
+        _outside_commit()
+
+
+def _watch(connection: Any) -> None:
+    if getattr(connection, "_pgreplica_watched", False):
+        return
+    primary, replicas = configured_aliases()
+    if connection.alias == primary and replicas:
+        # first: a request's execute_wrapper() pops the last one when it ends
+        connection.execute_wrappers.insert(0, _note_writes(connection))
+        connection._pgreplica_watched = True
 
 
 def on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
@@ -384,16 +447,33 @@ def on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
                 if alias in connections.databases:
                     connections[alias].close()
         return
-    if getattr(connection, "_pgreplica_watched", False):
-        return
-    primary, replicas = configured_aliases()
-    if connection.alias == primary and replicas:
-        # first: a request's execute_wrapper() pops the last one when it ends
-        connection.execute_wrappers.insert(0, _note_writes(connection))
-        connection._pgreplica_watched = True
+    _watch(connection)
+
+
+def _request_started(sender: Any, **kwargs: Any) -> None:
+    IN_HTTP.set(True)
+
+
+def _request_finished(sender: Any, **kwargs: Any) -> None:
+    IN_HTTP.set(False)
 
 
 def watch_connections() -> None:
+    """Connect the signals (idempotent): at import of the package, and when the app is
+    ready; watch the primary connections already open in this thread."""
+    from django.core.signals import request_finished, request_started
     from django.db.backends.signals import connection_created
 
-    connection_created.connect(on_connection_created, dispatch_uid="pgreplica.contrib.django")
+    uid = "pgreplica.contrib.django"
+    connection_created.connect(on_connection_created, dispatch_uid=uid)
+    request_started.connect(_request_started, dispatch_uid=uid)
+    request_finished.connect(_request_finished, dispatch_uid=uid)
+
+
+def watch_open_connections() -> None:
+    """The primary connections this thread opened before the integration was built."""
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None:
+            _watch(connection)

@@ -84,8 +84,7 @@ def wait_for_replicas(timeout: float = 10.0) -> None:
 
     integ = integration()
     outside = OUTSIDE_REQUESTS.get()
-    if outside is not None:
-        outside.pending = False  # what committed so far is waited for below
+    committed = 0 if outside is None else outside.committed  # waited for below
     row = internal_query(integ.primary_alias, LSN_SQL)
     need = parse_lsn(row[0])
     deadline = time.monotonic() + timeout
@@ -106,6 +105,7 @@ def wait_for_replicas(timeout: float = 10.0) -> None:
             time.sleep(0.01)
     if outside is not None:  # the writes waited for are the floor of the next reads
         outside.floor = max(outside.floor, need)
+        outside.read = max(outside.read, committed)
 
 
 def _runner_base() -> Any:

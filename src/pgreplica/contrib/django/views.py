@@ -5,12 +5,13 @@ Only GET, HEAD and OPTIONS are routed; POST, PUT, PATCH and DELETE never are. Th
 state lives in a contextvar and is cleared when the view returns or raises. When no
 replica alias is configured, all of this is a true no-op.
 
-The one-shot retry: if the view raises ``OperationalError`` or ``InterfaceError`` after
-a replica was chosen for it or served one of its queries, and it wrote nothing, it runs
-once more with every read on the primary, and a WARNING ``db_routing_fallback`` is
-logged. An error with no replica involved (the primary's, or the view's own) is raised
-as it is: running the view again on the primary would not help, and would double the
-primary's load just when it is failing. A view that wrote is never run twice.
+The one-shot retry: if the view raises ``OperationalError`` or ``InterfaceError`` and
+the last query that failed ran on a replica (or none failed, and a replica was chosen
+for the view or served it, e.g. connecting to it failed), and the view wrote nothing, it
+runs once more with every read on the primary, and a WARNING ``db_routing_fallback`` is
+logged. An error of the primary, or one the view raised with no replica involved, is
+raised as it is: running the view again on the primary would not help, and would double
+the primary's load just when it is failing. A view that wrote is never run twice.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def replica_reads() -> Iterator[RequestState]:
     state = RequestState(replica=True)
     if outer is not None:
         state.primary_only = outer.primary_only
+        state.http = outer.http
     token = REQUEST.set(state)
     try:
         with track_queries(state):
@@ -65,9 +67,13 @@ def run_with_replica(call: Callable[[], Any], where: str) -> Any:
         try:
             response = call()
         except (OperationalError, InterfaceError) as exc:
-            replica_aliases = set(integration().replica_aliases)
-            if state.wrote or (not state.served & replica_aliases and state.alias is None):
-                raise  # no replica to blame, or a write that must not run twice
+            replicas = set(integration().replica_aliases)
+            if state.failed is not None:  # a query failed: on which server?
+                involved = state.failed in replicas
+            else:  # e.g. connecting to the chosen replica failed
+                involved = bool(state.served & replicas) or state.alias is not None
+            if state.wrote or not involved:
+                raise  # the primary's error, or a write that must not run twice
             fallback_to_primary(state, exc, where)
             return call()
         if state.served & set(integration().replica_aliases):
