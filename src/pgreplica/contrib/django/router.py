@@ -16,21 +16,20 @@ Otherwise the router returns the primary alias. Writes always go to the primary 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
-from pgreplica.balancer import CHECK_SQL, POLL_FIRST, POLL_MAX, UNKNOWN_POSITION
+import psycopg
+
+from pgreplica.balancer import UNKNOWN_POSITION
 from pgreplica.context import current_state
 from pgreplica.contrib.django.state import (
     REQUEST,
     configured_aliases,
     context_floor,
     integration,
-    internal_query,
 )
 from pgreplica.health import Host
-from pgreplica.lsn import parse_lsn, replayed_through
 
 logger = logging.getLogger("pgreplica.django")
 
@@ -102,11 +101,10 @@ def choose_replica(lb: Any, database: str | None = None) -> str | None:
     database of ``PGREPLICA["DATABASES"]``, among the replicas its rollout gives this
     request (drawn once per request).
 
-    Replicas the prober's cache cannot prove caught up are asked once each, on Django's
-    connections; then those expected to catch up within ``max_wait``
-    (:meth:`Host.hopeful`) are asked again with a short backoff until one has or
-    ``max_wait`` is over, as :meth:`LoadBalancer.read` does. A request calls this once
-    per logical database."""
+    Replicas the prober's cache cannot prove caught up are asked by the balancer's own
+    catch-up wait, on Django's connections: once each, then those expected to catch up
+    within ``max_wait`` again with a short backoff, as :meth:`LoadBalancer.read` does. A
+    request calls this once per logical database."""
     router = lb.lb._router
     route = lb.route if database is None else router.route(database)
     read_route = route
@@ -132,45 +130,41 @@ def choose_replica(lb: Any, database: str | None = None) -> str | None:
         return str(mirrors[router.next_index(len(mirrors))])
     if not need:
         return None
-    found = _await_replica(lb, router.behind(read_route, need, set()), need)
-    return None if found is None else str(lb.alias_of[found])
+    found = lb.lb._await_replica(
+        read_route, need, lb.lb.settings.max_wait, set(), _django_connection(lb), _give_back(lb)
+    )
+    return None if found is None else str(lb.alias_of[found[0]])
 
 
-def _await_replica(lb: Any, hosts: list[Host], need: int) -> Host | None:
-    """The first of ``hosts`` that has replayed ``need``, asked directly; then the
-    hopeful ones polled until ``max_wait``."""
-    max_wait = lb.lb.settings.max_wait
-    started = time.monotonic()
-    waiting: list[Host] = []
-    for host in hosts:
-        if _replayed(lb, host, need):
-            return host
-        if max_wait > 0 and host.hopeful(max_wait):
-            waiting.append(host)
-    delay = POLL_FIRST
-    while waiting:
-        now = time.monotonic()
-        if now >= started + max_wait:
-            for host in waiting:
-                host.missed_at = now
-            return None
-        time.sleep(min(delay, started + max_wait - now))
-        delay = min(delay * 2, POLL_MAX)
-        for host in list(waiting):
-            if _replayed(lb, host, need):
-                return host
-    return None
+def _django_connection(lb: Any) -> Callable[[Host], Any]:
+    """The balancer's catch-up wait asks each replica on the psycopg connection of
+    Django's alias for it (opened if need be); a failure to connect is psycopg's, as
+    the wait expects from a pool."""
+
+    def connect(host: Host) -> Any:
+        from django.db import DatabaseError, connections
+
+        connection = connections[lb.alias_of[host]]
+        try:
+            connection.ensure_connection()
+        except DatabaseError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, psycopg.OperationalError):
+                raise cause from None
+            raise psycopg.OperationalError(type(exc).__name__) from None
+        return connection.connection
+
+    return connect
 
 
-def _replayed(lb: Any, host: Host, need: int) -> bool:
-    """Ask the replica (on Django's connection of its alias) whether it has replayed
-    ``need``; a failing replica answers no (the prober will mark it down)."""
-    alias = lb.alias_of[host]
-    try:
-        row = internal_query(alias, CHECK_SQL)
-    except Exception as exc:
-        logger.warning("db_routing_check_failed alias=%s error=%s", alias, type(exc).__name__)
-        return False
-    position = replayed_through(parse_lsn(row[0])) if row and row[0] else 0
-    host.note_replay_lsn(position)
-    return position >= need
+def _give_back(lb: Any) -> Callable[[Host, Any], None]:
+    """Nothing to give back, but a connection a failed check broke is closed, so that
+    Django opens a new one for the alias's next query."""
+
+    def release(host: Host, conn: Any) -> None:
+        if conn.broken:
+            from django.db import connections
+
+            connections[lb.alias_of[host]].close()
+
+    return release
