@@ -618,19 +618,18 @@ def test_a_request_asks_lagging_replicas_once_not_before_every_query(
     most ``max_wait``) before the first read only; all three read the primary."""
     from perf.models import Signature
 
-    from pgreplica.balancer import CHECK_SQL
-    from pgreplica.contrib.django import replica_reads, router
+    from pgreplica.contrib.django import integration, replica_reads
     from pgreplica.contrib.django.testing import served_by
 
+    integ = integration()
     checks: list[str] = []
-    real_query = router.internal_query
+    real_ask = integ.lb._replay_lsn
 
-    def counting(alias: str, sql: str) -> Any:
-        if sql == CHECK_SQL:
-            checks.append(alias)
-        return real_query(alias, sql)
+    def counting(host: Any, conn: Any) -> int:  # each direct check of a replica
+        checks.append(integ.alias_of[host])
+        return real_ask(host, conn)
 
-    monkeypatch.setattr(router, "internal_query", counting)
+    monkeypatch.setattr(integ.lb, "_replay_lsn", counting)
     for replica in (1, 2):
         healthy_cluster.lag(replica, "300ms")
     try:
@@ -751,3 +750,55 @@ def test_writes_outside_http_are_counted_once_per_commit_and_not_during_a_reques
         for replica in (1, 2):
             healthy_cluster.lag(replica, 0)
     assert seen == ["default"], seen
+
+
+def test_a_frozen_replica_holds_no_request(project: None, healthy_cluster: LocalCluster) -> None:
+    """``pgreplica cluster freeze`` (SIGSTOP) on a replica while 4 threads make routed
+    requests: Django, not the balancer, holds the connections that run the queries, so
+    when the prober marks the replica down the integration shuts those connections'
+    sockets (a query blocked on it fails now and the view's retry reads the primary),
+    and a connection being opened to it gives up after ``connect_timeout``. Every
+    request answers 200, and none is still waiting while the replica is still frozen."""
+    import threading
+
+    from django.db import connections
+    from django.test import Client
+
+    from pgreplica.contrib.django.testing import wait_for_replicas
+
+    wait_for_replicas()
+    results: list[tuple[Any, float]] = []
+
+    def worker() -> None:
+        client = Client()
+        try:
+            for _ in range(20):
+                started = time.monotonic()
+                try:
+                    status: Any = client.get("/api/signatures/").status_code
+                except Exception as exc:
+                    status = type(exc).__name__
+                results.append((status, time.monotonic() - started))
+                time.sleep(0.05)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    healthy_cluster.freeze(1)
+    try:
+        for thread in threads:
+            thread.join(15)
+        still_waiting = sum(thread.is_alive() for thread in threads)
+    finally:
+        healthy_cluster.thaw(1)
+    for thread in threads:
+        thread.join(60)
+    assert still_waiting == 0, f"{still_waiting} threads blocked on the frozen replica"
+    assert len(results) == 80
+    assert [r for r in results if r[0] != 200] == []
+    worst = max(seconds for _, seconds in results)
+    print(f"\nworst request {worst:.2f} s with replica 1 frozen")
+    assert worst < 6, worst  # connect_timeout (2 s) and the prober's hang detection

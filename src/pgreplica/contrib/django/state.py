@@ -9,8 +9,11 @@ Per request: a :class:`RequestState` in a contextvar (threads and ASGI alike).
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -19,15 +22,16 @@ from typing import Any
 
 from pgreplica._balancer_sync import LoadBalancer
 from pgreplica._fork import ForkSafeLock
-from pgreplica.balancer import DatabaseRoute
+from pgreplica.balancer import DatabaseRoute, shutdown_socket
 from pgreplica.comments import comment_for, with_comment
 from pgreplica.config import parse_rollout
 from pgreplica.contrib.django.settings import REPLICA_ALIAS, conninfo
 from pgreplica.errors import ConfigError
-from pgreplica.health import Host
+from pgreplica.health import TCP_DEFAULTS, Host
 from pgreplica.observe import WATCH, Event, record
 from pgreplica.sql import classify
 
+logger = logging.getLogger("pgreplica.django")
 _lock = ForkSafeLock()
 _integration: Integration | None = None
 
@@ -62,6 +66,35 @@ class RequestState:
 
 
 REQUEST: ContextVar[RequestState | None] = ContextVar("pgreplica_django_request", default=None)
+
+
+#: Django's connection wrappers of each replica alias, in every thread: when the prober
+#: marks the replica down, their sockets are shut (see :class:`_DjangoBalancer`).
+REPLICA_CONNECTIONS: dict[str, weakref.WeakSet[Any]] = {}
+
+
+class _DjangoBalancer(LoadBalancer):
+    """The integration's balancer. Django, not the balancer's pools, holds the
+    connections that run queries; so when the prober marks a replica down (it crashed,
+    or hangs), the connections Django's threads hold on its alias are aborted as the
+    pools' are: a query blocked on a frozen replica fails at once (the view's one-shot
+    retry then reads the primary) instead of waiting for the server to wake up."""
+
+    aliases: dict[Host, str] = {}
+
+    def _abort_lent(self, host: Host) -> None:
+        super()._abort_lent(host)
+        alias = self.aliases.get(host)
+        wrappers = list(REPLICA_CONNECTIONS.get(alias, ())) if alias else []
+        aborted = 0
+        for wrapper in wrappers:
+            conn = wrapper.connection
+            if conn is not None and not conn.closed:
+                shutdown_socket(conn)
+                wrapper.errors_occurred = True  # checked, and closed, at its next request
+                aborted += 1
+        if aborted:
+            logger.warning("db_routing_replica_aborted alias=%s connections=%d", alias, aborted)
 
 
 class Integration:
@@ -107,7 +140,7 @@ class Integration:
             "pool_min_size": 0,
             **{k.lower(): v for k, v in (options.get("SETTINGS") or {}).items()},
         }
-        self.lb = LoadBalancer(config=config)
+        self.lb = _DjangoBalancer(config=config)
         route = self.lb._router.route(self.primary_alias)
         self.route = route
         # With the kill switch on, the balancer has no replica host: no alias maps.
@@ -120,6 +153,13 @@ class Integration:
             for alias in (*probed, *self.mirrors_of[name]):
                 self.route_of_alias[alias] = logical_route
         self.host_of: dict[str, Host] = {a: h for h, a in self.alias_of.items()}
+        # Django opens the replica connections itself: bound their connect and their
+        # dead peers as the balancer bounds its own (options the alias sets win).
+        bounds = {"connect_timeout": str(max(2, math.ceil(self.lb.settings.connect_timeout)))}
+        for alias in self.host_of:
+            options = databases[alias].setdefault("OPTIONS", {})
+            for key, value in {**bounds, **TCP_DEFAULTS}.items():
+                options.setdefault(key, value)
         self.database_of_model: dict[str, str] = {}
         self.database_of_app: dict[str, str] = {}
         for db in self.logical.values():
@@ -127,6 +167,8 @@ class Integration:
             self.database_of_app.update(dict.fromkeys(db.apps, db.name))
         if self.alias_of and self.lb.settings.enabled:
             self.lb.open(wait=True)
+
+        self.lb.aliases = self.alias_of
 
     def database_of(self, model: Any) -> str:
         """The logical database a model's reads belong to (``PGREPLICA["DATABASES"]``
@@ -423,6 +465,9 @@ def _watch(connection: Any) -> None:
     if getattr(connection, "_pgreplica_watched", False):
         return
     primary, replicas = configured_aliases()
+    if connection.alias in replicas:
+        REPLICA_CONNECTIONS.setdefault(connection.alias, weakref.WeakSet()).add(connection)
+        return
     if connection.alias == primary and replicas:
         # first: a request's execute_wrapper() pops the last one when it ends
         connection.execute_wrappers.insert(0, _note_writes(connection))
