@@ -802,3 +802,24 @@ def test_a_frozen_replica_holds_no_request(project: None, healthy_cluster: Local
     worst = max(seconds for _, seconds in results)
     print(f"\nworst request {worst:.2f} s with replica 1 frozen")
     assert worst < 6, worst  # connect_timeout (2 s) and the prober's hang detection
+
+
+def test_a_forked_worker_forgets_its_parent_s_replica_connections(
+    project: None, healthy_cluster: LocalCluster
+) -> None:
+    """gunicorn --preload forks after the parent used a replica alias: the child must
+    never shut those (shared) sockets when its prober marks a replica down."""
+    from pgreplica.contrib.django.state import REPLICA_CONNECTIONS
+    from pgreplica.contrib.django.testing import wait_for_replicas
+
+    wait_for_replicas()  # opens this thread's connections to both replica aliases
+    assert {a for a, wrappers in REPLICA_CONNECTIONS.items() if len(wrappers)} == {
+        "read_replica",
+        "read_replica_2",
+    }
+    pid = os.fork()
+    if pid == 0:  # the child: exit at once, with the answer as its status
+        os._exit(0 if not REPLICA_CONNECTIONS else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert REPLICA_CONNECTIONS  # the parent keeps its own

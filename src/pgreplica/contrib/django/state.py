@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -71,6 +72,8 @@ REQUEST: ContextVar[RequestState | None] = ContextVar("pgreplica_django_request"
 #: Django's connection wrappers of each replica alias, in every thread: when the prober
 #: marks the replica down, their sockets are shut (see :class:`_DjangoBalancer`).
 REPLICA_CONNECTIONS: dict[str, weakref.WeakSet[Any]] = {}
+# A forked worker (gunicorn --preload) must never shut its parent's sockets.
+os.register_at_fork(after_in_child=REPLICA_CONNECTIONS.clear)
 
 
 class _DjangoBalancer(LoadBalancer):
